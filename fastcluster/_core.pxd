@@ -1,0 +1,73 @@
+# C declarations of csrc/, just what _core.pyx uses (uvloop's layout).
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "fdpass.h" nogil:
+    enum: FC_FDPASS_MAX
+    int fc_send_fds(int sock, const int *fds, const uint32_t *tags, int n)
+    int fc_recv_fds(int sock, int *fds, uint32_t *tags, int max)
+
+
+cdef extern from "counters.h" nogil:
+    ctypedef struct fc_counters:
+        uint64_t taken
+        uint64_t closed
+        uint64_t requests
+        uint32_t wake
+        uint32_t pid
+    int fc_counters_create(int nslots, fc_counters **table)
+    int fc_counters_attach(int fd, int nslots, fc_counters **table)
+    void fc_counters_detach(fc_counters *table, int nslots)
+    uint64_t fc_counter_load(const uint64_t *c)
+    void fc_counter_add(uint64_t *c, uint64_t n)
+    int fc_counters_took(fc_counters *slot, uint64_t n)
+
+
+cdef extern from "intake.h" nogil:
+    int fc_intake_recv(int sock, fc_counters *slot, int *fds, uint32_t *tags, int max)
+
+
+cdef extern from "dispatch.h" nogil:
+    ctypedef struct fc_dispatcher:
+        pass
+    enum:
+        FC_POLICY_RR
+        FC_POLICY_LEAST
+        FC_EV_WATCH
+        FC_EV_WORKER_GONE
+    ctypedef struct fc_event:
+        int kind
+        int id
+        uint32_t events
+    ctypedef struct fc_stats:
+        uint64_t accepted
+        uint64_t redispatched
+        uint64_t shed
+        uint64_t emfile
+        uint64_t pauses
+        uint64_t send_again
+        uint64_t orphaned
+    ctypedef struct fc_slot_stats:
+        uint64_t dispatched
+        uint32_t held
+        uint32_t unsent
+        uint64_t taken
+        uint64_t closed
+        uint64_t requests
+    int fc_dispatcher_new(fc_dispatcher **out, fc_counters *table, int nslots,
+                          int window, int accept_batch, int policy)
+    void fc_dispatcher_free(fc_dispatcher *d)
+    int fc_dispatcher_fd(const fc_dispatcher *d)
+    int fc_dispatcher_set_policy(fc_dispatcher *d, int policy)
+    void fc_dispatcher_set_accepting(fc_dispatcher *d, int on)
+    int fc_dispatcher_add_listener(fc_dispatcher *d, int fd)
+    int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
+    int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd)
+    int fc_dispatcher_subscribe(fc_dispatcher *d, int slot, int lid)
+    int fc_dispatcher_unsubscribe(fc_dispatcher *d, int slot, int lid)
+    int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
+    int fc_dispatcher_watch(fc_dispatcher *d, int fd, uint32_t events, int token)
+    int fc_dispatcher_unwatch(fc_dispatcher *d, int fd)
+    int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
+    void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out)
+    int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *out)

@@ -1,0 +1,95 @@
+"""Type stubs for fastcluster._core, the Cython binding of csrc/.
+
+Every OS failure is OSError(errno, "call: strerror"); bad arguments are
+ValueError/TypeError naming the argument.
+"""
+
+from collections.abc import Sequence
+
+FDPASS_MAX: int  # the most fds one message carries (253)
+POLICY_RR: int
+POLICY_LEAST: int
+EV_WATCH: int  # a watched fd is ready: (EV_WATCH, token, epoll events)
+EV_WORKER_GONE: int  # a worker's data channel hung up: (EV_WORKER_GONE, slot, 0)
+EPOLLIN: int
+EPOLLOUT: int
+
+def send_fds(sock: int, fds: Sequence[int], tags: Sequence[int] | None = None) -> int:
+    """Send 1..253 fds (not closed) in one message on a SOCK_SEQPACKET
+    socket. Returns len(fds); raises BlockingIOError on backpressure."""
+
+def recv_fds(sock: int, max_fds: int = 253) -> tuple[list[int], list[int]]:
+    """Receive one message: (fds, tags), fds close-on-exec and owned by the
+    caller. ([], []) when the peer hung up. BlockingIOError when nothing is
+    queued; OSError(EMSGSIZE) when the batch exceeded max_fds (every fd that
+    arrived was closed)."""
+
+class CounterTable:
+    """Per-worker counters in shared memory (one 64-byte slot per worker).
+    CounterTable(n) creates a table (memfd); CounterTable(n, fd) maps an
+    existing one from an inherited fd (the fd stays the caller's)."""
+
+    def __init__(self, nslots: int, fd: int = -1) -> None: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def nslots(self) -> int: ...
+    def read(self, slot: int) -> dict[str, int]:
+        """{"taken", "closed", "requests", "pid"} of one slot."""
+    def add_closed(self, slot: int, n: int = 1) -> None: ...
+    def add_requests(self, slot: int, n: int = 1) -> None: ...
+    def set_pid(self, slot: int, pid: int) -> None: ...
+    def close(self) -> None: ...
+
+class WorkerChannel:
+    """The worker's end of its data channel: batches of accepted fds."""
+
+    def __init__(self, data_fd: int, table: CounterTable, slot: int) -> None:
+        """data_fd becomes the channel's (closed by close()); it is made
+        non-blocking."""
+    def fileno(self) -> int: ...
+    @property
+    def slot(self) -> int: ...
+    def recv(self) -> list[tuple[int, int]] | None:
+        """One batch as [(tag, fd), ...], owned by the caller; [] when nothing
+        is queued; None when the primary hung up. Counts the fds as taken
+        (and wakes the primary when it asked)."""
+    def connection_closed(self, n: int = 1) -> None:
+        """n connections this worker took are finished (for `least`)."""
+    def request_done(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+class Dispatcher:
+    """The primary's C epoll loop (csrc/dispatch.h)."""
+
+    def __init__(
+        self,
+        table: CounterTable,
+        *,
+        window: int = 128,
+        accept_batch: int = 64,
+        policy: int = ...,
+    ) -> None: ...
+    def fileno(self) -> int: ...
+    def set_policy(self, policy: int) -> None: ...
+    def set_accepting(self, on: bool) -> None: ...
+    def add_listener(self, fd: int) -> int:
+        """Returns the listener id (the tag its fds carry). fd stays the caller's."""
+    def remove_listener(self, lid: int) -> None: ...
+    def add_worker(self, slot: int, data_fd: int) -> None:
+        """data_fd (the primary's end) becomes the dispatcher's. Zeroes the
+        slot's counters: call before the worker starts."""
+    def subscribe(self, slot: int, lid: int) -> None: ...
+    def unsubscribe(self, slot: int, lid: int) -> None: ...
+    def remove_worker(self, slot: int) -> int:
+        """The worker is gone: its untaken fds go to others. Returns how many."""
+    def watch(self, fd: int, token: int, events: int = ...) -> None: ...
+    def unwatch(self, fd: int) -> None: ...
+    def run(self, timeout: float | None = None) -> list[tuple[int, int, int]]:
+        """Serve connections in C (GIL released) until an event for Python is
+        ready or timeout seconds pass (None: no limit). Returns events as
+        (kind, id, epoll events); [] on timeout or a signal (whose Python
+        handlers have then run)."""
+    def stats(self) -> dict[str, int]: ...
+    def slot_stats(self, slot: int) -> dict[str, int]: ...
+    def close(self) -> None: ...
