@@ -593,20 +593,26 @@ static void drain_worker(fc_dispatcher *d, int slot)
     w->waiting = 0;
 }
 
-/* Every worker of l is full: ask each to wake us when it takes more. The
- * handshake may show one already has: then reclaim its copies at once. */
-static void ask_wake(fc_dispatcher *d, fc_listener *l)
+/* About to sleep: ask every worker with fds in its channel to wake us when
+ * it takes them, so that we close our copies at once. Until we do, a worker's
+ * close() of such a connection sends no FIN: ours is still open. Asking only
+ * before sleeping keeps wake-ups off a busy loop, which reclaims every pass.
+ * Returns 1 when a worker had already moved (reclaimed now: look again). */
+static int ask_wake(fc_dispatcher *d)
 {
-    for (int i = 0; i < l->nsubs; i++) {
-        int s = l->subs[i];
+    int moved = 0;
+    for (int s = 0; s < d->top; s++) {
         fc_worker *w = &d->workers[s];
-        if (w->waiting)
+        if (w->data_fd < 0 || w->waiting || w->ledger.sent == w->ledger.head)
             continue;
-        if (fc_counters_want_wake(&d->table[s], fc_counter_load(&d->table[s].taken)))
+        if (fc_counters_want_wake(&d->table[s], fc_counter_load(&d->table[s].taken))) {
             fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
-        else
+            moved = 1;
+        } else {
             w->waiting = 1;
+        }
     }
+    return moved;
 }
 
 /* Before waiting: close the copies workers have taken, hand orphans to
@@ -626,9 +632,6 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
         if (l->fd < 0)
             continue;
         servable = !l->broken && l->nsubs > 0;
-        if (servable && listener_room(d, l) == 0 &&
-            (l->orphan_head < l->norphans || (d->accepting && now >= d->backoff_until)))
-            ask_wake(d, l);
         while (l->orphan_head < l->norphans) {
             int slot = choose(d, l);
             if (slot < 0)
@@ -693,13 +696,21 @@ int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
     if (max < 1)
         return -EINVAL;
     for (;;) {
-        int paused, n, nout;
+        int paused, n, nout, wait;
 
         nout = take_gone(d, out, 0, max);
         if (nout)
             return nout;
         prepare(d, now, &paused);
-        n = epoll_wait(d->epfd, evs, MAX_EVENTS, wait_ms(d, now, deadline, paused));
+        wait = wait_ms(d, now, deadline, paused);
+        n = epoll_wait(d->epfd, evs, MAX_EVENTS, 0);
+        if (n == 0 && wait != 0) {
+            if (ask_wake(d)) {
+                now = now_ms();
+                continue;
+            }
+            n = epoll_wait(d->epfd, evs, MAX_EVENTS, wait);
+        }
         if (n < 0)
             return errno == EINTR ? 0 : -errno; /* EINTR: let the caller run signal handlers */
         for (int i = 0; i < n; i++) {
