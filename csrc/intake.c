@@ -13,6 +13,15 @@ int fc_intake_recv(int sock, fc_counters *slot, int *fds, uint32_t *tags, int ma
     int n = fc_recv_fds(sock, fds, tags, max);
     ssize_t r;
 
+    if (n == -EMSGSIZE) {
+        /* The batch did not fit: this process is at its fd limit and the
+         * kernel dropped what it could not install. We never counted those
+         * fds taken, so the primary still holds them; hanging up our end
+         * makes it pass everything we have not taken to other workers. The
+         * caller sees a hang-up next and winds down like a disconnect. */
+        shutdown(sock, SHUT_RDWR);
+        return n;
+    }
     if (n <= 0)
         return n;
     if (fc_counters_took(slot, (uint64_t)n)) {

@@ -11,7 +11,9 @@
 
 #include "counters.h"
 
-/* As fc_recv_fds (fdpass.h) on a non-blocking channel, plus the counting. */
+/* As fc_recv_fds (fdpass.h) on a non-blocking channel, plus the counting.
+ * -EMSGSIZE (the worker is out of fds: the batch was truncated) also shuts
+ * the channel down, so the primary re-dispatches every fd not yet taken. */
 int fc_intake_recv(int sock, fc_counters *slot, int *fds, uint32_t *tags, int max);
 
 #endif

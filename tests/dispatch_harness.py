@@ -104,8 +104,32 @@ def fork_client(addr: tuple[str, int], count: int, concurrency: int, timeout: fl
     return pid, r
 
 
+def bad_worker_main(ch: _core.WorkerChannel, mode: str) -> None:
+    """garbage: floods the data channel with junk (bytes, fds) for 3 s.
+    hangup: reads nothing for 1 s (so its window fills), then closes its
+    end of the channel and lives on."""
+    if mode == "garbage":
+        junk = os.open("/dev/null", os.O_RDONLY)
+        end = time.monotonic() + 3.0
+        sock = socket.socket(fileno=os.dup(ch.fileno()))
+        while time.monotonic() < end:
+            try:
+                sock.send(os.urandom(64))
+                _core.send_fds(sock.fileno(), [junk] * 8)
+            except OSError:
+                time.sleep(0.001)
+        sock.close()
+        worker_main(ch, 0, False)
+    else:
+        time.sleep(1.0)
+        ch.close()
+        time.sleep(30.0)
+
+
 class Harness:
-    def __init__(self, workers: int, policy: str, window: int, hold: list[int]) -> None:
+    def __init__(self, workers: int, policy: str, window: int, hold: list[int],
+                 bad: str = "") -> None:
+        self.bad = bad
         self.table = _core.CounterTable(16)
         pol = _core.POLICY_LEAST if policy == "least" else _core.POLICY_RR
         self.d = _core.Dispatcher(self.table, window=window, policy=pol)
@@ -129,7 +153,10 @@ class Harness:
                 self.d.close()
                 self.listener.close()
                 ch = _core.WorkerChannel(theirs.detach(), self.table, slot)
-                worker_main(ch, slot, hold)
+                if slot == 0 and self.bad:
+                    bad_worker_main(ch, self.bad)
+                else:
+                    worker_main(ch, slot, hold)
                 code = 0
             finally:
                 os._exit(code)
@@ -184,9 +211,11 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--hold", type=int, action="append", default=[])
+    ap.add_argument("--bad", choices=["garbage", "hangup"], default="",
+                    help="worker 0 misbehaves on its data channel")
     a = ap.parse_args()
 
-    h = Harness(a.workers, a.policy, a.window, a.hold)
+    h = Harness(a.workers, a.policy, a.window, a.hold, a.bad)
     out: dict[str, Any] = {}
     if a.scenario == "emfile":
         # The client must not share the primary's fd limit: fork it first.
@@ -259,8 +288,11 @@ def main() -> None:
         os.waitpid(pid, 0)
         h.pids.pop(0)
     else:
+        c0 = cpu_seconds()
+        t0 = time.monotonic()
         pid, fd = fork_client(h.addr, a.connections, a.concurrency, 20.0, 100.0)
         out["client"] = h.serve_until_done(fd, 120.0)
+        out["primary_cpu_share"] = (cpu_seconds() - c0) / (time.monotonic() - t0)
         os.waitpid(pid, 0)
     out["stats"] = h.d.stats()
     out["slots"] = [h.d.slot_stats(s) for s in range(a.workers)]

@@ -87,3 +87,20 @@ def test_emfile_sheds_backs_off_and_recovers(python_env: dict[str, str]) -> None
     assert served >= 50
     assert out["after"]["failures"] == {}
     assert sum(out["after"]["replies"].values()) == 50
+
+
+def test_worker_flooding_its_data_channel_does_not_hurt_the_primary(
+        python_env: dict[str, str]) -> None:
+    out = scenario(python_env, "spread", "--workers", "2", "--bad", "garbage",
+                   "--connections", "2000", "--concurrency", "16")
+    assert out["client"]["failures"] == {}
+    assert sum(out["client"]["replies"].values()) == 2000
+    assert out["client"]["replies"].get("1", 0) >= 1000  # the good worker kept its share
+
+
+def test_worker_hanging_up_its_channel_hands_its_fds_on(python_env: dict[str, str]) -> None:
+    out = scenario(python_env, "spread", "--workers", "2", "--bad", "hangup", "--window", "16",
+                   "--connections", "100", "--concurrency", "32")
+    assert out["client"]["failures"] == {}
+    assert out["client"]["replies"] == {"1": 100}
+    assert out["stats"]["redispatched"] == 16
