@@ -56,19 +56,29 @@ def worker_main(ch: _core.WorkerChannel, slot: int, hold: bool) -> None:
                     ch.connection_closed(1)
 
 
-async def client_main(addr: tuple[str, int], count: int, concurrency: int, timeout: float,
+Address = Any  # (host, port) or a Unix socket path; or a list of them, used in turn
+
+
+async def client_main(addr: Address, count: int, concurrency: int, timeout: float,
                       deadline: float) -> dict[str, Any]:
     replies: dict[str, int] = {}
     failures: dict[str, int] = {}
     sem = asyncio.Semaphore(concurrency)
 
-    async def one() -> None:
+    addrs = addr if isinstance(addr, list) else [addr]
+
+    async def one(i: int) -> None:
+        target = addrs[i % len(addrs)]
         async with sem:
             if time.monotonic() > deadline:
                 failures["deadline"] = failures.get("deadline", 0) + 1
                 return
             try:
-                r, w = await asyncio.wait_for(asyncio.open_connection(*addr), timeout)
+                if isinstance(target, str):
+                    opening = asyncio.open_unix_connection(target)
+                else:
+                    opening = asyncio.open_connection(*target)
+                r, w = await asyncio.wait_for(opening, timeout)
                 try:
                     line = await asyncio.wait_for(r.readline(), timeout)
                 finally:
@@ -82,11 +92,11 @@ async def client_main(addr: tuple[str, int], count: int, concurrency: int, timeo
                 name = type(e).__name__
                 failures[name] = failures.get(name, 0) + 1
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(i) for i in range(count)))
     return {"replies": replies, "failures": failures}
 
 
-def fork_client(addr: tuple[str, int], count: int, concurrency: int, timeout: float,
+def fork_client(addr: Address, count: int, concurrency: int, timeout: float,
                 limit: float) -> tuple[int, int]:
     r, w = os.pipe()
     pid = os.fork()
@@ -138,9 +148,30 @@ class Harness:
         self.listener.listen(4096)
         self.addr = self.listener.getsockname()
         self.lid = self.d.add_listener(self.listener.fileno())
+        self.extra: list[tuple[socket.socket, int]] = []
         self.pids: dict[int, int] = {}
         for slot in range(workers):
             self.fork_worker(slot, slot in hold)
+
+    def add_listeners(self, kinds: list[str], tmpdir: str) -> list[Address]:
+        """More listening sockets (v4, v6, unix), served by every worker."""
+        addrs: list[Address] = []
+        for kind in kinds:
+            if kind == "unix":
+                sock = socket.socket(socket.AF_UNIX)
+                path = os.path.join(tmpdir, f"l{len(self.extra)}.sock")
+                sock.bind(path)
+            else:
+                sock = socket.socket(socket.AF_INET6 if kind == "v6" else socket.AF_INET)
+                sock.bind(("::1" if kind == "v6" else "127.0.0.1", 0))
+            sock.listen(1024)
+            lid = self.d.add_listener(sock.fileno())
+            for slot in self.pids:
+                self.d.subscribe(slot, lid)
+            self.extra.append((sock, lid))
+            name = sock.getsockname()
+            addrs.append(name if kind == "unix" else (name[0], name[1]))
+        return addrs
 
     def fork_worker(self, slot: int, hold: bool) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -152,6 +183,8 @@ class Harness:
             try:
                 self.d.close()
                 self.listener.close()
+                for sock, _lid in self.extra:
+                    sock.close()
                 ch = _core.WorkerChannel(theirs.detach(), self.table, slot)
                 if slot == 0 and self.bad:
                     bad_worker_main(ch, self.bad)
@@ -211,12 +244,18 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--hold", type=int, action="append", default=[])
+    ap.add_argument("--listeners", default="", help="more listeners: v4,v6,unix")
     ap.add_argument("--bad", choices=["garbage", "hangup"], default="",
                     help="worker 0 misbehaves on its data channel")
     a = ap.parse_args()
 
     h = Harness(a.workers, a.policy, a.window, a.hold, a.bad)
     out: dict[str, Any] = {}
+    target: Address = h.addr
+    if a.listeners:
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="fc-harness-")
+        target = [h.addr, *h.add_listeners(a.listeners.split(","), tmp)]
     if a.scenario == "emfile":
         # The client must not share the primary's fd limit: fork it first.
         for slot in range(a.workers):
@@ -290,7 +329,7 @@ def main() -> None:
     else:
         c0 = cpu_seconds()
         t0 = time.monotonic()
-        pid, fd = fork_client(h.addr, a.connections, a.concurrency, 20.0, 100.0)
+        pid, fd = fork_client(target, a.connections, a.concurrency, 20.0, 100.0)
         out["client"] = h.serve_until_done(fd, 120.0)
         out["primary_cpu_share"] = (cpu_seconds() - c0) / (time.monotonic() - t0)
         os.waitpid(pid, 0)

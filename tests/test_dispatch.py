@@ -33,6 +33,14 @@ def test_rr_spreads_10000_connections_exactly(python_env: dict[str, str]) -> Non
     assert out["stats"]["accepted"] == 10000
 
 
+def test_one_loop_serves_ipv4_ipv6_and_unix_listeners(python_env: dict[str, str]) -> None:
+    out = scenario(python_env, "spread", "--workers", "2", "--listeners", "v6,unix",
+                   "--connections", "600", "--concurrency", "8")
+    assert out["client"]["failures"] == {}
+    assert out["client"]["replies"] == {"0": 300, "1": 300}
+    assert out["stats"]["accepted"] == 600
+
+
 def test_least_avoids_a_worker_holding_connections(python_env: dict[str, str]) -> None:
     # worker 0 keeps every connection it gets open; worker 1 closes at once
     least = scenario(python_env, "spread", "--workers", "2", "--policy", "least", "--hold", "0",
