@@ -235,9 +235,26 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def close_wait_on(port: int) -> int:
+    """Sockets in CLOSE_WAIT (state 08) on our port, in this network namespace."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "08" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    n += 1
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["spread", "stop_one", "stop_all", "kill_inflight", "emfile"])
+    ap.add_argument("scenario", choices=["spread", "stop_one", "stop_all", "kill_inflight", "emfile", "soak"])
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--policy", default="rr")
     ap.add_argument("--window", type=int, default=16)
@@ -281,6 +298,18 @@ def main() -> None:
         pid, fd = fork_client(h.addr, 50, 8, 5.0, 20.0)
         out["after"] = h.serve_until_done(fd, 30.0)
         os.waitpid(pid, 0)
+    elif a.scenario == "soak":
+        # warm up, so that lazily grown arrays and caches are in the baseline
+        pid, fd = fork_client(h.addr, 2000, a.concurrency, 20.0, 60.0)
+        h.serve_until_done(fd, 60.0)
+        os.waitpid(pid, 0)
+        out["before"] = {"fds": len(os.listdir("/proc/self/fd")), "rss_kib": rss_kib()}
+        pid, fd = fork_client(h.addr, a.connections, a.concurrency, 20.0, 240.0)
+        out["client"] = h.serve_until_done(fd, 300.0)
+        os.waitpid(pid, 0)
+        h.d.run(0.2)
+        out["after"] = {"fds": len(os.listdir("/proc/self/fd")), "rss_kib": rss_kib(),
+                        "close_wait": close_wait_on(h.addr[1])}
     elif a.scenario == "stop_one":
         h.kill(0, signal.SIGSTOP)
         pid, fd = fork_client(h.addr, a.connections, a.concurrency, 20.0, 40.0)

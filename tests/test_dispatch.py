@@ -112,3 +112,13 @@ def test_worker_hanging_up_its_channel_hands_its_fds_on(python_env: dict[str, st
     assert out["client"]["failures"] == {}
     assert out["client"]["replies"] == {"1": 100}
     assert out["stats"]["redispatched"] == 16
+
+
+def test_soak_200k_connections_leave_no_fd_memory_or_close_wait(python_env: dict[str, str]) -> None:
+    out = scenario(python_env, "soak", "--workers", "4", "--connections", "200000",
+                   "--concurrency", "32", timeout=400)
+    assert out["client"]["failures"] == {}
+    assert sum(out["client"]["replies"].values()) == 200000
+    assert out["after"]["fds"] == out["before"]["fds"]
+    assert out["after"]["rss_kib"] - out["before"]["rss_kib"] < 1024  # within 1 MiB
+    assert out["after"]["close_wait"] == 0
