@@ -1,0 +1,5 @@
+"""`python -m bench`: the load harness of bench/run.py (see `python -m bench --help`)."""
+
+from bench.run import run
+
+run()
