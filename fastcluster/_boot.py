@@ -1,0 +1,320 @@
+"""Starting a worker process: the fork child's path and the spawn entry point.
+
+Theory of operation: in the primary, fork() allocates the worker's slot and
+channels and forks. The child first asks the kernel to SIGKILL it when the
+primary dies (PR_SET_PDEATHSIG), then checks the primary did not die before
+that (getppid), so a SIGKILLed primary leaves no orphans. Then:
+
+  fork   the child drops the primary's fds, switches fastcluster's module
+         globals to the worker role and runs the worker's main in-process:
+         `target()`, or the `exec` script, or __main__ again from the top
+         (runpy: run_path for a script, run_module for `python -m`), so that
+         `if cluster.is_primary: ... else: ...` works unchanged and imports
+         done before the fork stay shared copy-on-write.
+  spawn  the child execs a fresh interpreter that runs spawn_main(); the
+         worker's fds and what to run travel in FASTCLUSTER_WORKER
+         ("id:slot:ctlfd:datafd:tablefd:nslots") and FASTCLUSTER_BOOT
+         (JSON), both removed from os.environ at once so the worker's own
+         children do not inherit them.
+
+Either way run_worker() runs the main and maps its end to an exit status:
+return -> serve the channel while handles remain, then 0; SystemExit(n) ->
+n; an uncaught exception -> traceback, 1. The caller always ends in
+os._exit() in a finally. atexit handlers registered by the worker run; the
+primary's (inherited by fork) are dropped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, NoReturn
+
+from . import _role
+from ._core import CounterTable, WorkerChannel
+from ._intake import Intake
+from ._settings import Settings
+from ._worker import WorkerRuntime
+
+WORKER_ENV = "FASTCLUSTER_WORKER"
+BOOT_ENV = "FASTCLUSTER_BOOT"
+PR_SET_PDEATHSIG = 1
+EXEC_FAILED = 127
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover
+    _libc = None
+
+
+@dataclass
+class MainSpec:
+    """What a worker runs as its main."""
+
+    kind: str  # "target", "ref" (spawn: an importable target), "exec", "path", "module"
+    argv: list[str] = field(default_factory=list)  # the worker's sys.argv
+    target: Callable[[], object] | None = None
+    ref: str = ""  # "module:qualname"
+    path: str = ""  # script (exec, path; for a ref in __main__: the main script)
+    module: str = ""  # module (module; for a ref in __main__ run with -m)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "argv": self.argv, "ref": self.ref, "path": self.path,
+                "module": self.module}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MainSpec:
+        return cls(kind=d["kind"], argv=list(d["argv"]), ref=d["ref"], path=d["path"],
+                   module=d["module"])
+
+
+def main_spec(cfg: Settings, spawn: bool) -> MainSpec:
+    """Decides, in the primary, what the next worker runs."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    args = list(cfg.args) if cfg.args is not None else list(sys.argv[1:])
+    if cfg.exec is not None:
+        path = os.path.abspath(cfg.exec)
+        return MainSpec("exec", [cfg.exec, *args], path=path)
+    main = sys.modules.get("__main__")
+    mspec = getattr(main, "__spec__", None)
+    mfile = getattr(main, "__file__", None)
+    module = mspec.name if mspec is not None and mspec.name != "__main__" else ""
+    path = os.path.abspath(mfile) if not module and isinstance(mfile, str) else ""
+    if cfg.target is not None:
+        spec = MainSpec("target", [argv0, *args], target=cfg.target)
+        if spawn:
+            spec.kind, spec.target = "ref", None
+            spec.ref = _target_ref(cfg.target)
+            spec.path, spec.module = path, module
+        return spec
+    if module:
+        return MainSpec("module", [argv0, *args], module=module)
+    if path:
+        return MainSpec("path", [argv0, *args], path=path)
+    raise RuntimeError(
+        "cluster.fork(): __main__ has no script or module to run again (interactive "
+        "or -c?); give the worker's main with setup_primary(target=...) or exec=..."
+    )
+
+
+def _target_ref(target: Callable[[], object]) -> str:
+    module = getattr(target, "__module__", None)
+    qual = getattr(target, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qual, str) or "<" in qual:
+        raise ValueError(
+            f"setting 'target' must be importable by name with start_method='spawn' "
+            f"(a module-level function), got {target!r}"
+        )
+    return f"{module}:{qual}"
+
+
+# -- process preparation ------------------------------------------------------
+
+def die_with_parent(parent_pid: int) -> None:
+    """First thing in a forked child: SIGKILL us when the primary dies."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def prepare_process(cwd: str | None, uid: int | None, gid: int | None, silent: bool) -> None:
+    if silent:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    if cwd is not None:
+        os.chdir(cwd)
+    if (uid is not None or gid is not None) and os.geteuid() == 0:
+        os.setgroups([] if gid is None else [gid])
+    if gid is not None:
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    rt = _role.runtime
+    if rt is None:
+        raise SystemExit(0)
+    if rt.exit_now:
+        if not rt._main_done.is_set():
+            raise SystemExit(0)
+        return
+    rt.on_sigterm()
+
+
+def _worker_signals() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # pragma: no cover (not the main thread)
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the primary orchestrates Ctrl-C
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):  # for the primary
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+# -- running the main ---------------------------------------------------------
+
+def _resolve_ref(spec: MainSpec) -> Callable[[], object]:
+    module, _, qual = spec.ref.partition(":")
+    obj: Any
+    if module == "__main__":
+        # the target lives in the primary's main script: load it under another
+        # name (its worker branch must be under `if __name__ == "__main__"`)
+        if spec.module:
+            obj = runpy.run_module(spec.module, run_name="__fc_main__")
+        else:
+            obj = runpy.run_path(spec.path, run_name="__fc_main__")
+        first, _, rest = qual.partition(".")
+        obj = obj[first]
+        qual = rest
+    else:
+        obj = importlib.import_module(module)
+    for part in filter(None, qual.split(".")):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"target {spec.ref!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _run_main(spec: MainSpec) -> None:
+    if spec.argv:
+        sys.argv[:] = spec.argv
+    if spec.kind == "target":
+        assert spec.target is not None
+        spec.target()
+    elif spec.kind == "ref":
+        _resolve_ref(spec)()
+    elif spec.kind == "exec":
+        sys.path[0:1] = [os.path.dirname(spec.path)]
+        runpy.run_path(spec.path, run_name="__main__")
+    elif spec.kind == "path":
+        runpy.run_path(spec.path, run_name="__main__")
+    else:
+        runpy.run_module(spec.module, run_name="__main__", alter_sys=True)
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    with contextlib.suppress(Exception):
+        print(e.code, file=sys.stderr)
+    return 1
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def run_worker(runtime: WorkerRuntime, spec: MainSpec, settings: dict[str, Any]) -> int:
+    """Runs a worker's main in this (worker) process; returns its exit status."""
+    _worker_signals()
+    _role.become_worker(runtime, settings)
+    code = 1
+    try:
+        runtime.start()
+        try:
+            _run_main(spec)
+            code = runtime.after_main()
+        except SystemExit as e:
+            code = _exit_code(e)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            runtime.main_done()
+    except SystemExit as e:
+        code = _exit_code(e)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    _flush()
+    return code
+
+
+def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.socket,
+                 table: CounterTable, spec: MainSpec, cfg: Settings, env: dict[str, str],
+                 settings: dict[str, Any]) -> int:
+    """The fork child's main (after the primary's fds are closed)."""
+    atexit._clear()  # the primary's handlers are not the worker's
+    os.environ.pop(WORKER_ENV, None)
+    os.environ.pop(BOOT_ENV, None)
+    os.environ.update(env)
+    prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
+    channel = WorkerChannel(data.detach(), table, slot)
+    runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout)
+    return run_worker(runtime, spec, settings)
+
+
+def _interpreter_flags() -> list[str]:
+    flags: Callable[[], list[str]] | None = getattr(subprocess, "_args_from_interpreter_flags",
+                                                    None)
+    return flags() if flags is not None else []
+
+
+def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_fd: int,
+                 nslots: int, spec: MainSpec, cfg: Settings, env: dict[str, str]) -> NoReturn:
+    """The fork child's path with start_method='spawn': exec a fresh interpreter."""
+    for fd in (ctl_fd, data_fd, table_fd):
+        os.set_inheritable(fd, True)
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env[WORKER_ENV] = f"{worker_id}:{slot}:{ctl_fd}:{data_fd}:{table_fd}:{nslots}"
+    full_env[BOOT_ENV] = json.dumps({"spec": spec.to_json(), "sys_path": sys.path,
+                                     "graceful_timeout": cfg.graceful_timeout})
+    prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {here!r}); "
+            "from fastcluster._boot import spawn_main; spawn_main()")
+    argv = [sys.executable, *_interpreter_flags(), "-c", code]
+    os.execve(sys.executable, argv, full_env)
+
+
+def spawn_main() -> NoReturn:
+    """Entry point of a spawned worker's interpreter."""
+    code = 1
+    try:
+        marker = os.environ.pop(WORKER_ENV)
+        boot = json.loads(os.environ.pop(BOOT_ENV))
+        worker_id, slot, ctl_fd, data_fd, table_fd, nslots = map(int, marker.split(":"))
+        for fd in (ctl_fd, data_fd, table_fd):
+            os.set_inheritable(fd, False)
+        sys.path[:] = boot["sys_path"]
+        table = CounterTable(nslots, table_fd)
+        os.close(table_fd)  # the mapping stays
+        channel = WorkerChannel(data_fd, table, slot)
+        runtime = WorkerRuntime(worker_id, socket.socket(fileno=ctl_fd), Intake(channel),
+                                float(boot["graceful_timeout"]))
+        code = run_worker(runtime, MainSpec.from_json(boot["spec"]), {})
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _flush()
+        os._exit(code)

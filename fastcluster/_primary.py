@@ -1,0 +1,722 @@
+"""The primary: forks workers, serves their control channels, binds their
+listening sockets, reaps them and shuts the cluster down.
+
+Theory of operation (gunicorn's arbiter shape): one object, single-threaded.
+run() loops:
+
+    run what was queued to run "soon" (Node's nextTick: the "fork" event,
+    a disconnect callback when there are no workers)
+    -> handle recorded signals (handle_<name>)
+    -> reap (waitpid(pid, WNOHANG) for each worker we forked)
+    -> run due timers (graceful kill deadlines, respawns)
+    -> stop if no worker is left (and none is about to be respawned)
+    -> dispatcher.run(timeout): the C loop serves every connection with the
+       GIL released and returns only for what Python must handle: a
+       control channel or the signal wakeup pipe is ready (EV_WATCH), a
+       worker's data channel hung up (EV_WORKER_GONE), or the timeout.
+
+Signal handlers only record (signal.set_wakeup_fd wakes the C loop). We
+reap each worker pid rather than waitpid(-1): a primary that also runs
+subprocesses keeps their exit statuses for them.
+
+Control channels are read and written non-blocking; a write that would
+block is queued and the channel watched for EPOLLOUT. A worker that sends
+frames we cannot decode is logged; if it keeps on (or breaks the framing)
+its channel is closed and it is SIGKILLed. Nothing it sends is executed.
+
+Events, in Node's order: fork, online, listening(w, address),
+message(w, msg), disconnect(w), exit(w, code, signal). "disconnect" always
+comes before "exit": at reap, whatever the worker wrote before dying is
+read first, then its channel closes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from . import _address, _boot
+from ._backoff import Backoff
+from ._channel import ControlSocket
+from ._core import (
+    EPOLLIN,
+    EPOLLOUT,
+    EV_WATCH,
+    EV_WORKER_GONE,
+    POLICY_LEAST,
+    POLICY_RR,
+    CounterTable,
+    Dispatcher,
+)
+from ._errors import ProtocolError
+from ._events import EventEmitter
+from ._handle import Worker, signal_name
+from ._listener import Listener, NullTracker, SocketListener
+from ._protocol import Frame, encode, encode_message
+from ._registry import Registry
+from ._settings import Settings, check_env, defaults
+from ._timers import Timer, Timers
+
+log = logging.getLogger("fastcluster")
+
+
+class _Proc:
+    """The primary's private record of one worker."""
+
+    def __init__(self, worker: Worker, slot: int, env: dict[str, str]) -> None:
+        self.worker = worker
+        self.slot = slot
+        self.env = env  # fork(env=...) extras, reused by a respawn
+        self.chan: ControlSocket | None = None
+        self.started = time.monotonic()
+        self.watching_out = False  # EPOLLOUT watched: output is queued
+        self.bad_frames = 0
+        self.kill_timer: Timer | None = None
+        self.dead = False
+
+
+def _core_policy(policy: str) -> int:
+    return POLICY_LEAST if policy == "least" else POLICY_RR
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+class Primary:
+    NSLOTS = 256  # counter table slots: the most workers alive at once
+    WAKE_TOKEN = 0  # dispatcher watch token of the signal wakeup pipe (workers: their id)
+    MAX_TICK = 1.0  # longest sleep in the C loop (reap even if a SIGCHLD was missed)
+    MAX_BAD_FRAMES = 16  # undecodable frames tolerated from one worker
+    SEND_HIGH_WATER = 1 << 20  # queued bytes to a worker above which send() says False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP,
+               signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+    def __init__(self, events: EventEmitter, workers: dict[int, Worker],
+                 settings: dict[str, Any]) -> None:
+        self.events = events  # the cluster's EventEmitter (cluster.on)
+        self.workers = workers  # cluster.workers: live workers by id
+        self.settings = settings  # cluster.settings
+        self.cfg: Settings | None = None  # None until setup_primary() or fork()
+        self.pid = os.getpid()
+        self.table: CounterTable | None = None  # created at the first fork
+        self.dispatcher: Dispatcher | None = None
+        self.registry: Registry | None = None
+        self._procs: dict[int, _Proc] = {}  # by worker id
+        self._by_slot: dict[int, _Proc] = {}
+        self._by_pid: dict[int, _Proc] = {}  # not yet reaped
+        self._next_id = 1  # worker ids start at 1 and are never reused
+        self._soon: collections.deque[Callable[[], object]] = collections.deque()
+        self._timers = Timers()
+        self._signals: collections.deque[int] = collections.deque()
+        self._wake_r = self._wake_w = -1  # signal wakeup pipe
+        self._reap_wanted = True
+        self._stopping = False  # disconnect() or shutdown: no respawn
+        self._shutdown: str | None = None  # None, "graceful" or "fast" (signals)
+        self._disconnect_cbs: list[Callable[[], object]] = []
+        self._respawns_pending = 0
+        self._backoff = Backoff()
+        self._running = False
+
+    # -- settings ------------------------------------------------------------
+
+    def config(self) -> Settings:
+        if self.cfg is None:
+            self.cfg = defaults()
+            self._publish()
+        return self.cfg
+
+    def _publish(self) -> None:
+        assert self.cfg is not None
+        self.settings.clear()
+        self.settings.update(self.cfg.as_dict())
+
+    def setup(self, updates: dict[str, Any]) -> None:
+        self.cfg = (self.cfg or defaults()).merge(updates)
+        self._publish()
+        if self.dispatcher is not None:
+            self.dispatcher.set_policy(_core_policy(self.cfg.policy))
+        self.events.emit("setup", self.settings)
+
+    # -- forking -------------------------------------------------------------
+
+    def _ensure_core(self) -> tuple[CounterTable, Dispatcher, Registry]:
+        if self.table is None or self.dispatcher is None or self.registry is None:
+            cfg = self.config()
+            self.table = CounterTable(self.NSLOTS)
+            self.dispatcher = Dispatcher(self.table, window=cfg.window,
+                                         accept_batch=cfg.accept_batch,
+                                         policy=_core_policy(cfg.policy))
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
+            self.registry = Registry(self._get_dispatcher)
+            atexit.register(self._atexit)
+        return self.table, self.dispatcher, self.registry
+
+    def _get_dispatcher(self) -> Dispatcher:
+        assert self.dispatcher is not None
+        return self.dispatcher
+
+    def _free_slot(self) -> int:
+        for slot in range(self.NSLOTS):
+            if slot not in self._by_slot:
+                return slot
+        raise RuntimeError(f"cluster.fork(): {self.NSLOTS} workers are alive already")
+
+    def fork(self, env: Any = None) -> Worker:
+        if self._shutdown is not None:
+            raise RuntimeError("cluster.fork(): the cluster is shutting down")
+        extra = check_env("env", env)
+        self._stopping = False
+        return self._spawn(extra)
+
+    def _spawn(self, extra: dict[str, str]) -> Worker:
+        cfg = self.config()
+        spawn = cfg.start_method == "spawn"
+        spec = _boot.main_spec(cfg, spawn)
+        table, dispatcher, _registry = self._ensure_core()
+        slot = self._free_slot()
+        data_p, data_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctl_p, ctl_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            dispatcher.add_worker(slot, data_p.fileno())
+        except BaseException:
+            for s in (data_p, data_w, ctl_p, ctl_w):
+                s.close()
+            raise
+        data_p.detach()  # the dispatcher's now
+        worker = Worker(self._next_id, self)
+        self._next_id += 1
+        proc = _Proc(worker, slot, extra)
+        env = {**cfg.env, **extra}
+        parent = os.getpid()
+        _flush_stdio()
+        try:
+            pid = os.fork()
+        except BaseException:
+            dispatcher.remove_worker(slot)
+            for s in (data_w, ctl_p, ctl_w):
+                s.close()
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                _boot.die_with_parent(parent)
+                code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        data_w.close()
+        ctl_w.close()
+        proc.chan = ControlSocket(ctl_p)
+        dispatcher.watch(ctl_p.fileno(), worker.id, EPOLLIN)
+        worker.pid = pid
+        table.set_pid(slot, pid)
+        self._procs[worker.id] = proc
+        self._by_slot[slot] = proc
+        self._by_pid[pid] = proc
+        self.workers[worker.id] = worker
+        if not self._stopping:
+            dispatcher.set_accepting(True)
+        self._soon.append(lambda: self.events.emit("fork", worker))
+        return worker
+
+    def _child(self, proc: _Proc, ctl_p: socket.socket, ctl_w: socket.socket,
+               data_w: socket.socket, spec: _boot.MainSpec, env: dict[str, str],
+               spawn: bool) -> int:
+        """In the forked child: drop the primary's fds, become the worker."""
+        cfg = self.config()
+        table = self.table
+        assert table is not None
+        settings = dict(self.settings)
+        ctl_p.close()
+        self._drop_in_child()
+        if spawn:
+            _boot.exec_spawned(worker_id=proc.worker.id, slot=proc.slot,
+                               ctl_fd=ctl_w.fileno(), data_fd=data_w.fileno(),
+                               table_fd=table.fd, nslots=table.nslots, spec=spec, cfg=cfg,
+                               env=env)
+        return _boot.start_forked(worker_id=proc.worker.id, slot=proc.slot, ctl=ctl_w,
+                                  data=data_w, table=table, spec=spec, cfg=cfg, env=env,
+                                  settings=settings)
+
+    def _drop_in_child(self) -> None:
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        for p in self._procs.values():
+            if p.chan is not None:
+                p.chan.close()
+        if self.registry is not None:
+            self.registry.close_all(unlink=False, dispatcher=False)
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        self.dispatcher = None
+        self.registry = None
+        self._procs.clear()
+        self._by_slot.clear()
+        self._by_pid.clear()
+        self.workers.clear()
+        self._soon.clear()
+        self._timers = Timers()
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        if self._running:
+            raise RuntimeError("cluster.run() is already running")
+        self._running = True
+        saved = self._install_signals()
+        try:
+            self._loop()
+        finally:
+            self._restore_signals(saved)
+            self._running = False
+        if self._shutdown is not None and self.registry is not None:
+            self.registry.close_all()
+
+    def _done(self) -> bool:
+        return not self.workers and not self._soon and self._respawns_pending == 0
+
+    def _loop(self) -> None:
+        while True:
+            self._run_soon()
+            self._handle_signals()
+            if self._reap_wanted:
+                self._reap_wanted = False
+                self._reap()
+            self._timers.run_due()
+            self._run_soon()
+            if self._done():
+                return
+            delay = self._timers.next_delay()
+            timeout = self.MAX_TICK if delay is None else min(delay, self.MAX_TICK)
+            if self._soon or self._signals:
+                timeout = 0.0
+            if self.dispatcher is None:
+                time.sleep(timeout)
+                continue
+            events = self.dispatcher.run(timeout)
+            if not events:
+                self._reap_wanted = True
+            for kind, ident, evs in events:
+                if kind == EV_WATCH:
+                    if ident == self.WAKE_TOKEN:
+                        self._drain_wake()
+                    else:
+                        proc = self._procs.get(ident)
+                        if proc is not None:
+                            self._on_channel(proc, evs)
+                elif kind == EV_WORKER_GONE:
+                    proc = self._by_slot.get(ident)
+                    if proc is not None and self.registry is not None:
+                        self.registry.drop_worker(proc.slot, in_dispatcher=False)
+
+    def _run_soon(self) -> None:
+        for _ in range(len(self._soon)):
+            fn = self._soon.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("fastcluster: a callback raised")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    # -- signals -------------------------------------------------------------
+
+    def _install_signals(self) -> tuple[int, dict[signal.Signals, Any]] | None:
+        if self.dispatcher is None or threading.current_thread() is not threading.main_thread():
+            return None
+        old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._record_signal)
+        return old_fd, saved
+
+    def _restore_signals(self, saved: tuple[int, dict[signal.Signals, Any]] | None) -> None:
+        if saved is None:
+            return
+        old_fd, handlers = saved
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(old_fd)
+
+    def _record_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)  # only record: the loop acts
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.popleft()
+            handler = getattr(self, "handle_" + signal_name(signum)[3:].lower(), None)
+            if handler is not None:
+                handler()
+
+    def handle_chld(self) -> None:
+        self._reap_wanted = True
+
+    def handle_int(self) -> None:
+        self.shutdown(graceful=self._shutdown is None)  # Ctrl-C twice: fast
+
+    def handle_term(self) -> None:
+        if self._shutdown is None:  # a repeated TERM (sent to the group, say) stays graceful
+            self.shutdown(graceful=True)
+
+    def handle_quit(self) -> None:
+        self.shutdown(graceful=False)
+
+    def handle_hup(self) -> None:
+        log.warning("fastcluster: SIGHUP (rolling restart) is not implemented yet; ignored")
+
+    def handle_ttin(self) -> None:
+        if self._shutdown is None:
+            self._spawn({})
+
+    def handle_ttou(self) -> None:
+        live = [p for p in self._procs.values() if not p.worker.exited_after_disconnect]
+        if len(live) > 1:
+            self.worker_disconnect(min(live, key=lambda p: p.worker.id).worker)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Graceful: stop accepting, disconnect every worker, SIGKILL those
+        still alive after graceful_timeout. Not graceful: SIGKILL now."""
+        self._shutdown = "graceful" if graceful else "fast"
+        self._stopping = True
+        if self.dispatcher is not None:
+            self.dispatcher.set_accepting(False)
+        for proc in list(self._procs.values()):
+            if graceful:
+                self.worker_disconnect(proc.worker)
+            else:
+                proc.worker.exited_after_disconnect = True
+                self._kill(proc, signal.SIGKILL)
+
+    # -- reaping -------------------------------------------------------------
+
+    def _reap(self) -> None:
+        for pid, proc in list(self._by_pid.items()):
+            try:
+                wpid, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: status unknown
+                self._on_exit(proc, None, None)
+                continue
+            if wpid == 0:
+                continue
+            if os.WIFSIGNALED(status):
+                self._on_exit(proc, None, signal_name(os.WTERMSIG(status)))
+            else:
+                self._on_exit(proc, os.waitstatus_to_exitcode(status), None)
+
+    def _on_exit(self, proc: _Proc, code: int | None, signame: str | None) -> None:
+        w = proc.worker
+        proc.dead = True
+        self._by_pid.pop(w.pid, None)
+        if proc.kill_timer is not None:
+            proc.kill_timer.cancel()
+        if proc.chan is not None:  # what it wrote before dying comes first
+            proc.chan.read(max_reads=64)
+            self._frames(proc)
+            self._channel_closed(proc)
+        if self.dispatcher is not None:
+            with contextlib.suppress(OSError):
+                self.dispatcher.remove_worker(proc.slot)
+        if self.registry is not None:
+            self.registry.drop_worker(proc.slot, in_dispatcher=False)
+        self._by_slot.pop(proc.slot, None)
+        self._procs.pop(w.id, None)
+        self.workers.pop(w.id, None)
+        w.state = "dead"
+        w.exited_after_disconnect = bool(w.exited_after_disconnect)
+        w.emit("exit", code, signame)
+        self.events.emit("exit", w, code, signame)
+        self._maybe_respawn(proc)
+        if not self.workers:
+            self._all_gone()
+
+    def _maybe_respawn(self, proc: _Proc) -> None:
+        cfg = self.config()
+        if not cfg.respawn or self._stopping or proc.worker.exited_after_disconnect:
+            return
+        delay = self._backoff.on_exit(time.monotonic() - proc.started, asked=False)
+        if self._backoff.crash_looping:
+            log.error("fastcluster: workers keep dying young; respawning every %.1f s", delay)
+        self._respawns_pending += 1
+
+        def again() -> None:
+            self._respawns_pending -= 1
+            if not self._stopping:
+                try:
+                    self._spawn(proc.env)
+                except Exception:
+                    log.exception("fastcluster: respawn failed")
+
+        self._timers.call_later(delay, again)
+
+    def _all_gone(self) -> None:
+        cbs, self._disconnect_cbs = self._disconnect_cbs, []
+        for cb in cbs:
+            try:
+                cb()
+            except Exception:
+                log.exception("fastcluster: a disconnect callback raised")
+
+    # -- control channels ----------------------------------------------------
+
+    def _on_channel(self, proc: _Proc, evs: int) -> None:
+        if evs & EPOLLOUT:
+            self._flush(proc)
+        if proc.chan is not None and evs & ~EPOLLOUT:
+            alive = proc.chan.read()
+            self._frames(proc)
+            if not alive:
+                self._channel_closed(proc)
+
+    def _frames(self, proc: _Proc) -> None:
+        while proc.chan is not None:
+            try:
+                for frame in proc.chan.frames():
+                    self._on_frame(proc, frame)
+                    if proc.chan is None:
+                        return
+                return
+            except ProtocolError as e:
+                if not self._bad_frame(proc, str(e), fatal=e.fatal):
+                    return
+
+    def _bad_frame(self, proc: _Proc, reason: str, fatal: bool) -> bool:
+        """Logs a bad frame; True if the channel stays open."""
+        w = proc.worker
+        proc.bad_frames += 1
+        err = ProtocolError(reason, fatal=fatal)
+        w.emit("error", err)
+        if fatal or proc.bad_frames > self.MAX_BAD_FRAMES:
+            log.error("fastcluster: worker %d (pid %d) broke the control protocol (%s); "
+                      "killing it", w.id, w.pid, reason)
+            self._channel_closed(proc)
+            if not proc.dead:
+                self._kill(proc, signal.SIGKILL)
+            return False
+        log.warning("fastcluster: worker %d (pid %d) sent a bad control frame (%s); "
+                    "ignored", w.id, w.pid, reason)
+        return True
+
+    def _on_frame(self, proc: _Proc, frame: Frame) -> None:
+        w = proc.worker
+        t = frame["t"]
+        try:
+            if t == "msg":
+                data = frame["d"]
+                w.emit("message", data)
+                self.events.emit("message", w, data)
+            elif t == "online":
+                if w.state == "none":
+                    w.state = "online"
+                    w.emit("online")
+                    self.events.emit("online", w)
+            elif t == "listen":
+                self._on_listen(proc, frame)
+            elif t == "listening":
+                address = _address.from_wire(frame["address"])
+                w.state = "listening"
+                w.emit("listening", address)
+                self.events.emit("listening", w, address)
+            elif t == "unlisten":
+                if self.registry is not None:
+                    self.registry.unlisten(proc.slot, int(frame["lid"]))
+            elif t == "disconnecting":
+                w.exited_after_disconnect = True
+                if self.registry is not None:
+                    self.registry.drop_worker(proc.slot)
+                self._arm_kill_timer(proc)
+            else:
+                log.debug("fastcluster: worker %d sent an unknown frame type %r", w.id, t)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            self._bad_frame(proc, f"bad {t!r} frame: {e!r}", fatal=False)
+
+    def _on_listen(self, proc: _Proc, frame: Frame) -> None:
+        req = frame["req"]
+        if not isinstance(req, int):
+            raise TypeError("listen request without an int 'req'")
+        cfg = self.config()
+        backlog = frame.get("backlog")
+        if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog <= 0:
+            backlog = cfg.backlog
+        fds: list[int] = []
+        try:
+            wire = _address.to_wire(frame.get("address"))
+        except (TypeError, ValueError) as e:
+            reply: dict[str, Any] = {"t": "listen_err", "errno": errno.EINVAL,
+                                     "strerror": str(e)}
+        else:
+            _t, _d, registry = self._ensure_core()
+            reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy)
+        reply["req"] = req
+        self._send(proc, encode(reply), fds)
+
+    def _send(self, proc: _Proc, data: bytes, fds: list[int] | None = None) -> bool:
+        chan = proc.chan
+        if chan is None or chan.closed:
+            return False
+        chan.queue(data, fds)
+        try:
+            done = chan.flush()
+        except OSError:
+            self._soon.append(lambda: self._channel_closed(proc))
+            return False
+        if not done and not proc.watching_out and self.dispatcher is not None:
+            self.dispatcher.watch(chan.fileno(), proc.worker.id, EPOLLIN | EPOLLOUT)
+            proc.watching_out = True
+        return True
+
+    def _flush(self, proc: _Proc) -> None:
+        chan = proc.chan
+        if chan is None:
+            return
+        try:
+            done = chan.flush()
+        except OSError:
+            self._channel_closed(proc)
+            return
+        if done and proc.watching_out and self.dispatcher is not None:
+            self.dispatcher.watch(chan.fileno(), proc.worker.id, EPOLLIN)
+            proc.watching_out = False
+
+    def _channel_closed(self, proc: _Proc) -> None:
+        chan = proc.chan
+        if chan is None:
+            return
+        proc.chan = None
+        if self.dispatcher is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.dispatcher.unwatch(chan.fileno())
+        chan.close()
+        if not proc.dead and self.registry is not None:
+            self.registry.drop_worker(proc.slot)  # no new connections for it
+        w = proc.worker
+        w.state = "disconnected"
+        w.exited_after_disconnect = bool(w.exited_after_disconnect)
+        w.emit("disconnect")
+        self.events.emit("disconnect", w)
+
+    def _kill(self, proc: _Proc, signum: int) -> None:
+        if proc.dead:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.worker.pid, signum)
+
+    def _arm_kill_timer(self, proc: _Proc) -> None:
+        if proc.kill_timer is not None or proc.dead:
+            return
+
+        def expired() -> None:
+            if not proc.dead:
+                log.warning("fastcluster: worker %d (pid %d) still alive after "
+                            "graceful_timeout; SIGKILL", proc.worker.id, proc.worker.pid)
+                self._kill(proc, signal.SIGKILL)
+
+        proc.kill_timer = self._timers.call_later(self.config().graceful_timeout, expired)
+
+    # -- public operations ---------------------------------------------------
+
+    def disconnect(self, callback: Callable[[], object] | None = None) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {callback!r}")
+        self._stopping = True
+        if self.dispatcher is not None:
+            self.dispatcher.set_accepting(False)
+        if callback is not None:
+            self._disconnect_cbs.append(callback)
+        if not self.workers:
+            self._soon.append(self._all_gone)
+        for w in list(self.workers.values()):
+            if w.is_connected():
+                w.disconnect()
+
+    def listen(self, address: Any, backlog: int | None = None) -> Listener:
+        """cluster.listen() in the primary itself: a plain listening socket."""
+        wire = _address.to_wire(address)
+        family, sockaddr = _address.resolve(wire)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog or self.config().backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return SocketListener(sock, NullTracker())
+
+    def _atexit(self) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.workers and not self._running:
+            log.warning("fastcluster: the primary exits with %d worker(s) alive (they die "
+                        "with it); call cluster.run() to serve and supervise them",
+                        len(self.workers))
+        if self.registry is not None:
+            self.registry.close_all()
+
+    # -- Worker backend ------------------------------------------------------
+
+    def worker_send(self, worker: Worker, message: Any) -> bool:
+        data = encode_message(message)
+        proc = self._procs.get(worker.id)
+        if proc is None or not self._send(proc, data):
+            return False
+        return proc.chan is not None and proc.chan.out_bytes < self.SEND_HIGH_WATER
+
+    def worker_kill(self, worker: Worker, signum: int) -> None:
+        proc = self._procs.get(worker.id)
+        if proc is None or proc.dead:
+            return
+        worker.exited_after_disconnect = True
+        self._kill(proc, signum)
+        if signum != signal.SIGKILL:
+            self._arm_kill_timer(proc)
+
+    def worker_disconnect(self, worker: Worker) -> None:
+        proc = self._procs.get(worker.id)
+        if proc is None or proc.dead:
+            return
+        worker.exited_after_disconnect = True
+        if proc.chan is not None:
+            self._send(proc, encode({"t": "disconnect"}))
+        if self.registry is not None:
+            self.registry.drop_worker(proc.slot)
+        self._arm_kill_timer(proc)
+
+    def worker_is_connected(self, worker: Worker) -> bool:
+        proc = self._procs.get(worker.id)
+        return proc is not None and proc.chan is not None
+
+    def worker_is_dead(self, worker: Worker) -> bool:
+        proc = self._procs.get(worker.id)
+        return proc is None or proc.dead

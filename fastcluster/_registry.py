@@ -1,0 +1,154 @@
+"""The primary's listening sockets: one per address, shared by its workers.
+
+Theory of operation: a worker's listen request names an address; the
+registry resolves it, binds it once (the first request's backlog wins) and
+answers every later request for the same address, or for the real address a
+port-0 bind got, with the same socket, as Node does. How a worker then gets
+connections depends on the policy in force when the address was first bound:
+
+  rr, least   the socket goes to the C dispatcher once (add_listener -> lid);
+              each worker is subscribed to the lid and gets accepted fds.
+  shared      the listening fd itself goes to the worker with the reply.
+  reuseport   the primary binds (and does not listen on) a SO_REUSEPORT
+              socket to hold the port; each worker binds its own.
+
+Sockets stay open until close_all() (the primary's shutdown), so a worker
+started to replace another (rolling restart) finds its address still bound
+and no connection is refused in between. A failed bind is not remembered: a
+retry binds again. Unix socket paths we created are unlinked at close_all().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _address
+from ._core import Dispatcher
+
+log = logging.getLogger("fastcluster")
+
+
+@dataclass
+class Bound:
+    sock: socket.socket
+    family: int
+    mode: str  # "rr" (C dispatcher, rr or least), "shared" or "reuseport"
+    wire: _address.WireAddress  # the real address, JSON form
+    lid: int = -1  # the dispatcher's listener id (mode "rr")
+    slots: set[int] = field(default_factory=set)  # subscribed worker slots (mode "rr")
+    unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a path we created
+
+
+class Registry:
+    def __init__(self, dispatcher: Callable[[], Dispatcher]) -> None:
+        self._dispatcher = dispatcher
+        self._by_key: dict[tuple[Any, ...], Bound] = {}
+        self._all: list[Bound] = []
+
+    def listen(self, slot: int, wire: Any, backlog: int, policy: str
+               ) -> tuple[dict[str, Any], list[int]]:
+        """Handles one listen request; returns (reply fields, fds to pass)."""
+        try:
+            family, sockaddr = _address.resolve(wire)
+        except socket.gaierror as e:
+            return {"t": "listen_err", "errno": e.errno, "strerror": e.strerror,
+                    "gai": True}, []
+        except (ValueError, TypeError, IndexError) as e:
+            return {"t": "listen_err", "errno": errno.EINVAL, "strerror": str(e)}, []
+        key = _address.key_of(family, sockaddr)
+        bound = self._by_key.get(key)
+        if bound is None:
+            try:
+                bound = self._bind(family, sockaddr, backlog, policy)
+            except OSError as e:
+                return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
+                        "strerror": e.strerror or str(e)}, []
+            self._by_key[key] = bound
+            self._by_key[_address.key_of(family, bound.sock.getsockname())] = bound
+            self._all.append(bound)
+        reply: dict[str, Any] = {"t": "listen_ok", "mode": bound.mode, "address": bound.wire,
+                                 "family": bound.family}
+        if bound.mode == "rr":
+            if slot in bound.slots:
+                return {"t": "listen_err", "errno": errno.EADDRINUSE,
+                        "strerror": "this worker already listens on that address"}, []
+            self._dispatcher().subscribe(slot, bound.lid)
+            bound.slots.add(slot)
+            reply["lid"] = bound.lid
+            return reply, []
+        if bound.mode == "shared":
+            reply["nfds"] = 1
+            return reply, [bound.sock.fileno()]
+        reply["backlog"] = backlog  # reuseport: the worker binds and listens itself
+        return reply, []
+
+    def _bind(self, family: int, sockaddr: Any, backlog: int, policy: str) -> Bound:
+        mode = "rr" if policy in ("rr", "least") else policy
+        if mode == "reuseport" and family == socket.AF_UNIX:
+            mode = "shared"  # no SO_REUSEPORT for Unix sockets: share the one we bind
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if mode == "reuseport":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            inode = None
+            if family == socket.AF_UNIX and isinstance(sockaddr, str) and \
+                    not sockaddr.startswith("\0"):
+                st = os.stat(sockaddr)
+                inode = (st.st_dev, st.st_ino)
+            if mode != "reuseport":
+                sock.listen(backlog)
+            wire = _address.wire_of(family, sock.getsockname())
+            bound = Bound(sock, family, mode, wire, unix_inode=inode)
+            if mode == "rr":
+                bound.lid = self._dispatcher().add_listener(sock.fileno())
+        except BaseException:
+            sock.close()
+            raise
+        return bound
+
+    def unlisten(self, slot: int, lid: int) -> None:
+        for bound in self._all:
+            if bound.mode == "rr" and bound.lid == lid and slot in bound.slots:
+                bound.slots.discard(slot)
+                self._dispatcher().unsubscribe(slot, lid)
+
+    def drop_worker(self, slot: int, *, in_dispatcher: bool = True) -> None:
+        """The worker in slot takes no more connections (it disconnected or died)."""
+        for bound in self._all:
+            if slot in bound.slots:
+                bound.slots.discard(slot)
+                if in_dispatcher:
+                    with contextlib.suppress(OSError):
+                        self._dispatcher().unsubscribe(slot, bound.lid)
+
+    def fds(self) -> list[int]:
+        return [b.sock.fileno() for b in self._all]
+
+    def close_all(self, *, unlink: bool = True, dispatcher: bool = True) -> None:
+        """Closes every socket; with unlink, removes the Unix socket files we
+        created; with dispatcher, takes the rr sockets out of the dispatcher."""
+        for bound in self._all:
+            if dispatcher and bound.mode == "rr":
+                with contextlib.suppress(OSError, ValueError):
+                    self._dispatcher().remove_listener(bound.lid)
+            if unlink and bound.unix_inode is not None and isinstance(bound.wire, str):
+                try:
+                    st = os.stat(bound.wire)
+                    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == bound.unix_inode:
+                        os.unlink(bound.wire)
+                except OSError:
+                    pass
+            bound.sock.close()
+        self._all.clear()
+        self._by_key.clear()

@@ -1,0 +1,200 @@
+"""Validated primary settings (`cluster.setup_primary(**settings)`).
+
+Theory of operation: `Settings` is an immutable, typed view; `merge()`
+returns a new one with some fields replaced after checking each value, so
+setup_primary() is cumulative and a bad call changes nothing. Every error
+names the setting, the value and what is allowed. `as_dict()` is what the
+public `cluster.settings` shows.
+
+The policy defaults to the FASTCLUSTER_POLICY environment variable, else
+"rr".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+from collections.abc import Callable, Mapping
+from typing import Any
+
+POLICIES = ("rr", "least", "shared", "reuseport")
+START_METHODS = ("fork", "spawn")
+POLICY_ENV = "FASTCLUSTER_POLICY"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    target: Callable[[], object] | None = None  # the worker's main; None: re-run __main__
+    exec: str | None = None  # a script the worker runs instead of __main__
+    args: tuple[str, ...] | None = None  # the worker's sys.argv[1:]; None: the primary's
+    start_method: str = "fork"  # "fork" (re-run __main__ in a forked child) or "spawn"
+    policy: str = "rr"  # POLICIES
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # added to every worker
+    cwd: str | None = None  # the worker's working directory
+    silent: bool = False  # worker stdout/stderr to /dev/null
+    uid: int | None = None  # dropped to in the worker after fork
+    gid: int | None = None
+    respawn: bool = False  # replace workers that exit without being asked
+    graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
+    window: int = 128  # fds in flight per worker (C dispatcher)
+    accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
+    backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["env"] = dict(self.env)
+        d["args"] = None if self.args is None else list(self.args)
+        return d
+
+    def merge(self, updates: Mapping[str, Any]) -> Settings:
+        names = {f.name for f in dataclasses.fields(self)}
+        checked: dict[str, Any] = {}
+        for name, value in updates.items():
+            if name not in names:
+                raise TypeError(
+                    f"setup_primary() got an unknown setting {name!r}; "
+                    f"allowed: {', '.join(sorted(names))}"
+                )
+            checked[name] = _CHECKS[name](name, value)
+        return dataclasses.replace(self, **checked)
+
+
+def defaults() -> Settings:
+    """The settings before any setup_primary() call (policy from the env)."""
+    env_policy = os.environ.get(POLICY_ENV)
+    if env_policy is None or env_policy == "":
+        return Settings()
+    if env_policy not in POLICIES:
+        raise ValueError(
+            f"environment variable {POLICY_ENV}={env_policy!r} is not a policy; "
+            f"allowed: {', '.join(POLICIES)}"
+        )
+    return Settings(policy=env_policy)
+
+
+def _bad(name: str, value: Any, allowed: str, exc: type[Exception] = TypeError) -> Exception:
+    return exc(f"setting {name!r} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _target(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise _bad(name, value, "a callable or None")
+    return value
+
+
+def _opt_path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise _bad(name, value, "a non-empty path (str or os.PathLike) or None")
+    return value
+
+
+def _args(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _bad(name, value, "a list of str or None")
+    for item in value:
+        if not isinstance(item, str):
+            raise _bad(name, value, "a list of str (found a non-str item) or None")
+    return tuple(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _bad(name, value, "one of " + ", ".join(map(repr, choices)))
+        if value not in choices:
+            raise _bad(name, value, "one of " + ", ".join(map(repr, choices)), ValueError)
+        return value
+
+    return check
+
+
+def _env(name: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _bad(name, value, "a mapping of str to str")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _bad(name, value, f"a mapping of str to str (bad item {k!r}: {v!r})")
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise _bad(name, value, f"valid environment names and values (bad {k!r})",
+                       ValueError)
+        out[k] = v
+    return out
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, value, "True or False")
+    return value
+
+
+def _user(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            if name == "uid":
+                return pwd.getpwnam(value).pw_uid
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise _bad(name, value, "a known user/group name or an id", ValueError) from None
+    if not _is_int(value) or value < 0:
+        raise _bad(name, value, "an id >= 0, a name, or None")
+    return int(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, "a number of seconds > 0")
+    if not value > 0 or value != value or value == float("inf"):
+        raise _bad(name, value, "a finite number of seconds > 0", ValueError)
+    return float(value)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value):
+            raise _bad(name, value, f"an int from {lo} to {hi}")
+        if not lo <= value <= hi:
+            raise _bad(name, value, f"an int from {lo} to {hi}", ValueError)
+        return int(value)
+
+    return check
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "target": _target,
+    "exec": _opt_path,
+    "args": _args,
+    "start_method": _choice(START_METHODS),
+    "policy": _choice(POLICIES),
+    "env": _env,
+    "cwd": _opt_path,
+    "silent": _bool,
+    "uid": _user,
+    "gid": _user,
+    "respawn": _bool,
+    "graceful_timeout": _positive_float,
+    "window": _int_range(1, 65536),
+    "accept_batch": _int_range(1, 4096),
+    "backlog": _int_range(1, 1 << 20),
+}
+
+
+def check_env(name: str, value: Any) -> dict[str, str]:
+    """Validates a fork(env=...) argument the same way as the env setting."""
+    return _env(name, value)

@@ -1,0 +1,552 @@
+"""The worker runtime: control channel, messages, listeners, graceful disconnect.
+
+Theory of operation: one daemon thread, the channel thread, owns the control
+channel for the worker's whole life. It reads frames, answers listen
+requests' waiters and runs the disconnect state machine; every state change
+happens on it (other threads and the SIGTERM handler post a word to it
+through a pipe). User events ("message", "disconnect") are delivered:
+
+  - on the asyncio loop, when the aio helpers are in use in this worker
+    (call_soon_threadsafe): the loop that serves connections also runs the
+    handlers, so a reply to a message proves that loop is alive;
+  - else on the channel thread itself: with blocking servers (socketserver,
+    http.server) the main thread is busy in serve_forever(), and handlers
+    run beside it, as a ThreadingHTTPServer's requests do.
+
+Graceful disconnect (the primary's w.disconnect(), SIGTERM, or
+cluster.worker.disconnect()): stop the intake (take what the data channel
+holds, close it: the primary passes anything later to other workers; a
+shared/reuseport socket is closed in place), let listeners hand out what
+they still hold, wait until no connection is open or graceful_timeout
+passes, close the control channel (the primary emits "disconnect"), then end
+the main thread: SystemExit(0) raised by our SIGTERM handler, sent to the
+main thread with pthread_kill (it also wakes a select() in serve_forever).
+If the main thread does not exit within EXIT_GRACE, the process _exits(0).
+
+The worker ignores SIGINT: Ctrl-C reaches the whole process group and the
+primary orchestrates the shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from . import _address
+from ._channel import ControlSocket
+from ._errors import ProtocolError
+from ._handle import Worker
+from ._intake import Intake
+from ._listener import IntakeListener, Listener, SocketListener
+from ._protocol import Frame, encode, encode_message
+
+log = logging.getLogger("fastcluster")
+
+TICK = 0.05  # seconds between drain checks while disconnecting
+REQUEST_TIMEOUT = 30.0  # seconds to wait for the primary's answer to a listen
+EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel closed
+AIO_RETURN_GRACE = 1.0  # seconds an asyncio main gets to return by itself
+
+
+class _Waiter:
+    """A listen request waiting for its reply (thread or asyncio side)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.event = threading.Event()
+        self.loop = loop
+        self.future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
+        self.frame: Frame = {}
+        self.fds: list[int] = []
+        self.error: BaseException | None = None
+        self.abandon: Any = None  # called with (frame, fds) if nobody takes the reply
+
+    def resolve(self, frame: Frame, fds: list[int], error: BaseException | None = None) -> None:
+        self.frame, self.fds, self.error = frame, fds, error
+        self.event.set()
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:  # the loop is closed
+                self._abandon()
+
+    def _settle(self) -> None:
+        fut = self.future
+        assert fut is not None
+        if fut.done():
+            self._abandon()
+        elif self.error is not None:
+            fut.set_exception(self.error)
+        else:
+            fut.set_result(None)
+
+    def _abandon(self) -> None:
+        if self.abandon is not None and self.error is None:
+            self.abandon(self.frame, self.fds)
+        else:
+            for fd in self.fds:
+                os.close(fd)
+
+
+class WorkerRuntime:
+    """The backend of cluster.worker, and the Tracker of open connections."""
+
+    def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
+                 graceful_timeout: float) -> None:
+        self.worker = Worker(worker_id, self, os.getpid())
+        self.ctl = ControlSocket(ctl, accept_fds=True)
+        self.intake = intake
+        self.graceful_timeout = graceful_timeout
+        self.state = "connected"  # -> "disconnecting" -> "disconnected"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: set[Listener] = set()
+        self._servers: set[Any] = set()  # aio.Server objects
+        self._waiters: dict[int, _Waiter] = {}
+        self._seq = itertools.count(1)
+        self._open = 0  # connections handed out and not yet closed
+        self._count_lock = threading.RLock()
+        self._todo: collections.deque[str] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._main_done = threading.Event()
+        self._main_returned = False
+        self._main_ident = threading.main_thread().ident
+        self._deadline = 0.0
+        self._inline: _Waiter | None = None
+        self._deferred: list[tuple[Frame, list[int]]] = []
+        self.exit_now = False  # the SIGTERM handler raises SystemExit(0)
+
+    # -- life cycle (called by _boot) -----------------------------------------
+
+    def start(self) -> None:
+        self._send({"t": "online", "pid": os.getpid()})
+        self.worker.state = "online"
+        os.register_at_fork(after_in_child=self._forked_away)
+        self._thread = threading.Thread(target=self._run, name="fastcluster-channel",
+                                        daemon=True)
+        self._thread.start()
+
+    def after_main(self) -> int:
+        """The worker's main returned: serve the channel while something
+        keeps the worker alive (message handlers, listeners), as Node does."""
+        self._main_returned = True
+        if self.state == "connected" and not self._has_handles():
+            self.post("finish")
+        while not self._finished.wait(0.5):
+            pass
+        return 0
+
+    def serve(self) -> None:
+        """cluster.run() in a worker: serve the channel until disconnected."""
+        while not self._finished.wait(0.5):
+            pass
+
+    def main_done(self) -> None:
+        self._main_returned = True
+        self._main_done.set()
+
+    def on_sigterm(self) -> None:
+        """From the SIGTERM handler (main thread): only posts."""
+        self.post("disconnect")
+
+    def post(self, word: str) -> None:
+        """Asks the channel thread to act (any thread, or a signal handler)."""
+        self._todo.append(word)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _has_handles(self) -> bool:
+        return (self.worker.listener_count("message") > 0 or bool(self._servers)
+                or any(not lst.closed for lst in self._listeners))
+
+    def _forked_away(self) -> None:
+        """In a child the worker's own code forked: drop our channels there,
+        so the primary still sees them close when this worker exits."""
+        self.state = "disconnected"
+        self._finished.set()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.ctl.close()
+        self.intake.close()
+
+    # -- the channel thread --------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("fastcluster: the worker's channel thread failed")
+            self._finish(kick=True)
+        if self.exit_now and not self._main_done.wait(EXIT_GRACE):
+            log.warning("fastcluster: worker %d did not exit after disconnect; exiting",
+                        self.worker.id)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        ctl_fd = self.ctl.fileno()
+        poller.register(ctl_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._finished.is_set():
+            timeout = TICK * 1000 if self.state == "disconnecting" else None
+            for fd, _ev in poller.poll(timeout):
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                elif fd == ctl_fd and not self.ctl.closed:
+                    alive = self.ctl.read()
+                    self._dispatch()
+                    if not alive:
+                        self._primary_gone()
+            self._run_deferred()
+            while self._todo:
+                self._act(self._todo.popleft())
+            if self.state == "disconnecting":
+                self._check_drained()
+
+    def _act(self, word: str) -> None:
+        if word == "disconnect":
+            self._begin_disconnect(by_primary=False)
+        elif word == "finish":
+            if self.state == "connected" and not self._has_handles():
+                self._finish(kick=False)
+        elif word == "kill":
+            self._finish(kick=True)
+        # "check": the drain check follows in the loop
+
+    def _dispatch(self) -> None:
+        while True:
+            try:
+                for frame in self.ctl.frames():
+                    nfds = frame.get("nfds", 0)
+                    fds = self.ctl.take_fds(nfds if isinstance(nfds, int) else 0)
+                    self._on_frame(frame, fds)
+                return
+            except ProtocolError as e:
+                log.error("fastcluster: bad frame from the primary: %s", e)
+                if e.fatal:
+                    self._primary_gone()
+                    return
+
+    def _on_frame(self, frame: Frame, fds: list[int]) -> None:
+        t = frame["t"]
+        if t in ("listen_ok", "listen_err"):
+            waiter = self._waiters.pop(frame.get("req", -1), None)
+            if waiter is not None:
+                waiter.resolve(frame, fds)
+            else:
+                self._abandon_reply(frame, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        if self._inline is not None:
+            self._deferred.append((frame, []))
+        elif t == "msg":
+            self._deliver(self.worker.emit, "message", frame.get("d"))
+        elif t == "disconnect":
+            self._begin_disconnect(by_primary=True)
+
+    def _run_deferred(self) -> None:
+        while self._deferred and self._inline is None:
+            frame, fds = self._deferred.pop(0)
+            self._on_frame(frame, fds)
+
+    def _deliver(self, fn: Any, *args: Any) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+                return
+            except RuntimeError:
+                pass
+        fn(*args)
+
+    def _primary_gone(self) -> None:
+        if not self._finished.is_set():
+            self._finish(kick=True)
+
+    # -- graceful disconnect -------------------------------------------------
+
+    def _begin_disconnect(self, by_primary: bool) -> None:
+        if self.state != "connected":
+            return
+        self.state = "disconnecting"
+        self.worker.exited_after_disconnect = True
+        if not by_primary:
+            self._send_quiet({"t": "disconnecting"})
+        self._deadline = time.monotonic() + self.graceful_timeout
+        self.intake.stop()
+        for lst in list(self._listeners):
+            lst._stop()
+        for server in list(self._servers):
+            self._deliver(server._stop_intake)
+        self._check_drained()
+
+    def pending(self) -> int:
+        with self._count_lock:
+            n = self._open
+        return n + sum(lst._pending() for lst in list(self._listeners))
+
+    def _check_drained(self) -> None:
+        n = self.pending()
+        if n <= 0:
+            self._finish(kick=True)
+        elif time.monotonic() >= self._deadline:
+            log.warning("fastcluster: worker %d: graceful_timeout with %d connection(s) "
+                        "open; exiting", self.worker.id, n)
+            self._finish(kick=True)
+
+    def _finish(self, kick: bool) -> None:
+        if self._finished.is_set():
+            return
+        self.state = "disconnected"
+        self.worker.state = "disconnected"
+        for server in list(self._servers):
+            self._deliver(server._finish)
+        with self.ctl.lock:
+            self.ctl.close()
+        for waiter in list(self._waiters.values()):
+            waiter.resolve({}, [], ConnectionResetError(
+                errno.ECONNRESET, "the control channel to the primary is closed"))
+        self._waiters.clear()
+        self._deliver(self.worker.emit, "disconnect")
+        self._finished.set()
+        if kick and not self._main_returned:
+            if self._servers:  # an asyncio main: its servers end; let it return
+                self._main_done.wait(AIO_RETURN_GRACE)
+            if not self._main_returned:
+                self._kick_main()
+
+    def _kick_main(self) -> None:
+        self.exit_now = True
+        try:
+            if self._main_ident is not None:
+                signal.pthread_kill(self._main_ident, signal.SIGTERM)
+        except (ProcessLookupError, OSError):
+            pass
+
+    # -- sending -------------------------------------------------------------
+
+    def _send(self, frame: Frame, fds: list[int] | None = None) -> None:
+        self.ctl.send_blocking(encode(frame), fds)
+
+    def _send_quiet(self, frame: Frame) -> None:
+        with contextlib.suppress(OSError):
+            self._send(frame)
+
+    # -- listening -----------------------------------------------------------
+
+    def _new_request(self, frame: Frame, waiter: _Waiter) -> None:
+        if self.state != "connected":
+            raise OSError(errno.ENOTCONN, "the worker is disconnecting; it cannot listen")
+        req = next(self._seq)
+        frame["req"] = req
+        waiter.abandon = self._abandon_reply
+        self._waiters[req] = waiter
+        try:
+            self._send(frame)
+        except BaseException:
+            self._waiters.pop(req, None)
+            raise
+
+    def _abandon_reply(self, frame: Frame, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        if frame.get("t") == "listen_ok" and frame.get("mode") == "rr":
+            self._send_quiet({"t": "unlisten", "lid": frame.get("lid")})
+
+    def request(self, frame: Frame) -> tuple[Frame, list[int]]:
+        waiter = _Waiter()
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            return self._request_inline(frame, waiter)
+        self._new_request(frame, waiter)
+        if not waiter.event.wait(REQUEST_TIMEOUT):
+            self._waiters.pop(frame["req"], None)
+            raise TimeoutError("the primary did not answer the listen request")
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.frame, waiter.fds
+
+    def _request_inline(self, frame: Frame, waiter: _Waiter) -> tuple[Frame, list[int]]:
+        """A request made on the channel thread itself (from a message
+        handler): read the channel here until the reply comes; other frames
+        wait until the handler returns."""
+        self._new_request(frame, waiter)
+        self._inline = waiter
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        try:
+            while not waiter.event.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._waiters.pop(frame["req"], None)
+                    raise TimeoutError("the primary did not answer the listen request")
+                r, _w, _x = select.select([self.ctl.sock], [], [], min(left, 1.0))
+                if r:
+                    alive = self.ctl.read()
+                    self._dispatch()
+                    if not alive:
+                        raise ConnectionResetError(errno.ECONNRESET,
+                                                   "the primary closed the control channel")
+        finally:
+            self._inline = None
+            if not self.ctl.eof:
+                self.post("check")
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.frame, waiter.fds
+
+    async def request_async(self, frame: Frame) -> tuple[Frame, list[int]]:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop)
+        self._new_request(frame, waiter)
+        assert waiter.future is not None
+        try:
+            await asyncio.wait_for(waiter.future, REQUEST_TIMEOUT)
+        except BaseException:
+            self._waiters.pop(frame["req"], None)
+            raise
+        return waiter.frame, waiter.fds
+
+    def listen_frame(self, address: Any, backlog: int | None) -> Frame:
+        if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
+                                    or backlog < 0):
+            raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
+        return {"t": "listen", "address": _address.to_wire(address), "backlog": backlog}
+
+    def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
+        """Builds the Listener a listen reply describes (raises its error)."""
+        if reply.get("t") != "listen_ok":
+            for fd in fds:
+                os.close(fd)
+            code = reply.get("errno") or errno.EINVAL
+            text = str(reply.get("strerror") or os.strerror(code))
+            if reply.get("gai"):
+                raise socket.gaierror(code, text)
+            raise OSError(code, text)
+        mode = reply["mode"]
+        family = int(reply["family"])
+        address = _address.from_wire(reply["address"])
+        listener: Listener
+        if mode == "rr":
+            for fd in fds:
+                os.close(fd)
+            port = self.intake.open_port(int(reply["lid"]))
+            listener = IntakeListener(self.intake, port, family, address, self)
+        elif mode == "shared":
+            if not fds:
+                raise OSError(errno.EBADF, "the primary did not pass the listening socket")
+            for fd in fds[1:]:
+                os.close(fd)
+            listener = SocketListener(socket.socket(fileno=fds[0]), self)
+        else:
+            for fd in fds:
+                os.close(fd)
+            listener = SocketListener(_reuseport_socket(family, address,
+                                                        int(reply.get("backlog") or 511)), self)
+        listener._on_close = self._forget_listener
+        self._listeners.add(listener)
+        return listener
+
+    def listening(self, listener: Listener) -> None:
+        """Tells the primary a listener is ready ("listening" event)."""
+        self.worker.state = "listening"
+        name = listener.getsockname()
+        wire = name if isinstance(name, str) else list(name)
+        self._send_quiet({"t": "listening", "address": wire})
+
+    def listen(self, address: Any, backlog: int | None = None) -> Listener:
+        reply, fds = self.request(self.listen_frame(address, backlog))
+        listener = self.make_listener(reply, fds)
+        self.listening(listener)
+        return listener
+
+    def _forget_listener(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+        if isinstance(listener, IntakeListener) and self.state == "connected":
+            self._send_quiet({"t": "unlisten", "lid": listener.lid})
+
+    # -- asyncio -------------------------------------------------------------
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is None or self.loop.is_closed():
+            self.loop = loop
+
+    def add_server(self, server: Any) -> None:
+        self._servers.add(server)
+
+    def remove_server(self, server: Any) -> None:
+        self._servers.discard(server)
+
+    # -- Tracker -------------------------------------------------------------
+
+    def conn_opened(self) -> None:
+        with self._count_lock:
+            self._open += 1
+
+    def conn_closed(self) -> None:
+        with self._count_lock:
+            self._open -= 1
+            n = self._open
+        if n <= 0 and self.state == "disconnecting":
+            self.post("check")
+
+    # -- Worker backend (cluster.worker) -------------------------------------
+
+    def worker_send(self, worker: Worker, message: Any) -> bool:
+        data = encode_message(message)
+        if self.state == "disconnected" or self.ctl.closed:
+            return False
+        try:
+            self.ctl.send_blocking(data)
+        except OSError:
+            return False
+        return True
+
+    def worker_kill(self, worker: Worker, signum: int) -> None:
+        self.worker.exited_after_disconnect = True
+        self._send_quiet({"t": "disconnecting"})
+        if threading.get_ident() == self._main_ident:
+            self.exit_now = True
+            raise SystemExit(0)
+        self.post("kill")
+
+    def worker_disconnect(self, worker: Worker) -> None:
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            self._begin_disconnect(by_primary=False)
+        else:
+            self.post("disconnect")
+
+    def worker_is_connected(self, worker: Worker) -> bool:
+        return self.state != "disconnected"
+
+    def worker_is_dead(self, worker: Worker) -> bool:
+        return False
+
+
+def _reuseport_socket(family: int, address: Any, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
