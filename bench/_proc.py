@@ -26,27 +26,31 @@ def free_port() -> int:
 
 @dataclass
 class Cpu:
-    """One process's CPU so far: utime/stime in clock ticks (from stat) and the
-    scheduler's on-CPU nanoseconds (schedstat, user+system, fine-grained)."""
+    """One process's CPU so far: utime/stime in clock ticks (from stat), the
+    scheduler's on-CPU nanoseconds (schedstat, user+system, fine-grained) and
+    how many times it was put on a CPU (schedstat's timeslices: wake-ups)."""
 
     utime: int
     stime: int
     run_ns: int
+    slices: int = 0
 
     def __sub__(self, o: Cpu) -> Cpu:
-        return Cpu(self.utime - o.utime, self.stime - o.stime, self.run_ns - o.run_ns)
+        return Cpu(self.utime - o.utime, self.stime - o.stime, self.run_ns - o.run_ns,
+                   self.slices - o.slices)
 
 
 def cpu(pid: int) -> Cpu | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        run_ns = 0
+        run_ns = slices = 0
         with contextlib.suppress(OSError), open(f"/proc/{pid}/schedstat") as f:
-            run_ns = int(f.read().split()[0])
+            ss = f.read().split()
+            run_ns, slices = int(ss[0]), int(ss[2])
     except (OSError, IndexError, ValueError):
         return None
-    return Cpu(int(fields[11]), int(fields[12]), run_ns)
+    return Cpu(int(fields[11]), int(fields[12]), run_ns, slices)
 
 
 def children(pid: int) -> list[int]:

@@ -32,6 +32,15 @@ def med(res: Results, name: str, *path: str) -> float | None:
     return float(statistics.median(vals + inf))
 
 
+def spread(res: Results, name: str, *path: str) -> str:
+    """min-max over the repeats, in thousands, or '' with one run."""
+    runs = dig(res, "servers", name, "runs") or []
+    vals = [v for r in runs if isinstance(v := dig(r, *path), int | float)]
+    if len(vals) < 2:
+        return ""
+    return f" ({min(vals) / 1000:.0f}k-{max(vals) / 1000:.0f}k)"
+
+
 def measured(res: Results) -> list[str]:
     return [n for n, s in res["servers"].items() if s.get("runs")]
 
@@ -115,10 +124,10 @@ def markdown(res: Results) -> str:
         ka, cl = med(res, n, "keepalive", "rps"), med(res, n, "close", "rps")
         failed = (med(res, n, "keepalive", "failed") or 0) + (med(res, n, "close", "failed") or 0)
         rows.append([
-            label(res, n), f_num(ka),
+            label(res, n), f_num(ka) + spread(res, n, "keepalive", "rps"),
             f_ratio(ka, med(res, node, "keepalive", "rps") if node else None),
             f_ratio(ka, med(res, rp, "keepalive", "rps") if rp else None),
-            f_num(cl),
+            f_num(cl) + spread(res, n, "close", "rps"),
             f_ratio(cl, med(res, node, "close", "rps") if node else None),
             f_ratio(cl, med(res, rp, "close", "rps") if rp else None),
             f_lat(med(res, n, "keepalive", "p50"), med(res, n, "keepalive", "p99")),
@@ -130,6 +139,7 @@ def markdown(res: Results) -> str:
                     "close req/s", "÷ Node RR", "÷ SO_REUSEPORT", "keep-alive p50 / p99 ms",
                     "close p50 / p99 ms", "failed"], rows)
     lines += ["", "close = every request on a new connection (`-H \"Connection: close\"`). "
+              "With repeats, (min-max) over them follows the median. "
               "failed = wrk's connect/write/timeout errors and non-2xx, plus read errors in "
               "keep-alive (in close mode wrk counts one spurious read error per request when "
               "the response lacks a \"Connection: close\" header, as the anchor's raw responder's "
@@ -161,6 +171,27 @@ def markdown(res: Results) -> str:
               "grained); connections/s per primary core = 1 / on-CPU per connection: how many "
               "connections one core of primary could dispatch. No primary accepts in: "
               + (", ".join(idle) or "-") + " (reported '-').", ""]
+
+    # where the CPU goes
+    rows = []
+    for n in names:
+        pr = med(res, n, "close", "primary", "sched_us") if primary_accepts(res, n) else None
+        wk = med(res, n, "close", "workers_cpu", "sched_us_per_conn")
+        rows.append([label(res, n), f_num(pr, 1), f_num(wk, 1),
+                     f_num((pr or 0) + wk if wk is not None else None, 1),
+                     f_num(med(res, n, "close", "primary", "slices_per_conn"), 2)
+                     if primary_accepts(res, n) else "-",
+                     f_num(med(res, n, "close", "workers_cpu", "slices_per_conn"), 2)])
+    lines += ["## Where the server's CPU goes (Connection: close, per connection)", ""]
+    lines += table(["server", "primary on-CPU µs", "all workers on-CPU µs", "server total µs",
+                    "primary wake-ups", "worker wake-ups (all)"], rows)
+    lines += ["", "From /proc/<pid>/schedstat of the primary and of each worker (on-CPU ns and "
+              "timeslices, i.e. times the process was put on a CPU), over the connections "
+              "served. The load generator's own CPU is not in these columns; on this machine "
+              "it shares the cores with the server, so every µs the server spends per "
+              "connection is taken from wrk too. A wake-up count near or above 1 per "
+              "connection means the process sleeps and wakes for every connection instead of "
+              "taking them in batches.", ""]
 
     # shares
     rows = []

@@ -77,10 +77,18 @@ def measure(srv: _proc.Server, spec: Spec, ctx: Ctx, close: bool, connections: i
     else:
         out["conns"] = res.requests if close else connections or ctx.connections
         out["conns_source"] = "wrk requests" if close else "wrk connections"
+    ws = [after.cpu[p] - before.cpu[p] for p in before.cpu if p in after.cpu]
+    if ws and out["conns"] > 0:
+        out["workers_cpu"] = {
+            "sched_us_per_conn": sum(w.run_ns for w in ws) / 1000 / out["conns"],
+            "slices_per_conn": sum(w.slices for w in ws) / out["conns"],
+        }
     if p0 is not None and p1 is not None:
         d = p1 - p0
         out["primary"] = {"utime_ticks": d.utime, "stime_ticks": d.stime, "run_ns": d.run_ns,
-                          **_per_conn_us(d, out["conns"])}
+                          "slices": d.slices, **_per_conn_us(d, out["conns"])}
+        if out["conns"] > 0:
+            out["primary"]["slices_per_conn"] = d.slices / out["conns"]
         if res.requests:
             out["primary"]["sched_us_per_request"] = d.run_ns / 1000 / res.requests
     if "wrk_failed" in res.errors:

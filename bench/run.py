@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["servers"][spec.name]["runs"].append(r)
                 ka, cl = r["keepalive"], r["close"]
                 pr = cl.get("primary") or {}
-                say(f"  keep-alive {ka['rps']:,.0f} req/s p99 {ka['p99']} ms | close "
-                    f"{cl['rps']:,.0f} req/s p99 {cl['p99']} ms"
+                say(f"  keep-alive {ka['rps']:,.0f} req/s p99 {ka['p99'] or 0:.2f} ms | close "
+                    f"{cl['rps']:,.0f} req/s p99 {cl['p99'] or 0:.2f} ms"
                     + (f" | primary {pr.get('user_us', 0):.2f} user + "
                        f"{pr.get('sys_us', 0):.2f} sys µs/conn"
                        if spec.primary == "accepts" and pr else ""))
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if "slow" not in a.skip_set:
         if a.slow_servers == "auto":
             slow = [s for s in runnable if s.slow_capable]
+            if any(s.name.startswith("fc-") for s in slow):  # the core-* only stand in
+                slow = [s for s in slow if not s.name.startswith("core-")]
         else:
             slow = [_servers.BY_NAME[x] for x in a.slow_servers.split(",") if x]
         for spec in slow:
@@ -165,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = _scenarios.slow_worker(spec, ctx)
                 res["slow"][spec.name] = r
-                say(f"  {r['rps']:,.0f} req/s p50 {r['p50']} ms p99 {r['p99']} ms, slow "
-                    f"worker's share {r.get('slow_worker_share', 0):.1%}")
+                say(f"  {r['rps']:,.0f} req/s p50 {r['p50'] or 0:.2f} ms p99 "
+                    f"{r['p99'] or 0:.1f} ms, slow worker's share "
+                    f"{r.get('slow_worker_share', 0):.1%}")
             except Exception as e:
                 res["slow"][spec.name] = {"error": str(e)[-600:]}
                 say(f"  failed: {e}")
