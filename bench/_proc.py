@@ -75,6 +75,18 @@ def workers_of(pid: int) -> list[int]:
     return [c for c in children(pid) if not any(h in comm(c) for h in HELPERS)]
 
 
+def age(pid: int) -> float:
+    """Seconds since pid started (from /proc: starttime vs uptime); -1 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return -1.0
+    return up - start / CLK_TCK
+
+
 def alive(pid: int) -> bool:
     """True while pid exists and is not a zombie."""
     try:

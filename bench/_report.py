@@ -262,7 +262,7 @@ def markdown(res: Results) -> str:
         acc = r["accepting_ms"]
         rows.append([label(res, n), f"respawn, {r['kills']} SIGKILLs",
                      f"replacement accepting: median {statistics.median(acc):.1f} ms, "
-                     f"max {max(acc):.1f} ms (forked: median "
+                     f"max {max(acc):.1f} ms (worker code running: median "
                      f"{statistics.median(r['started_ms']) if r['started_ms'] else math.nan:.1f}"
                      " ms)", f"{r['rps']:,.0f}", f"{r['failed']} of {r['requests']:,}"])
     for n, r in (res.get("rolling") or {}).items():
@@ -284,10 +284,13 @@ def markdown(res: Results) -> str:
     lines += ["", "Load: bench/_loadgen.py, Python clients doing connect / GET with "
               "Connection: close / read the body, in forked processes (respawn: 1 x 4 "
               "clients; rolling: 2 x 8); a request failed when the connection was refused or "
-              "reset, timed out (5 s) or ended before the body. Respawn: the oldest worker is "
-              "SIGKILLed, 1 s apart; time until a new worker's first connection "
-              "(CLOCK_MONOTONIC, written by the worker at once). Rolling: SIGHUP to the primary, "
-              "then wait until every old worker is gone and as many new ones have served.", ""]
+              "reset, timed out (5 s) or ended before the body. Respawn: 4 workers, the oldest is "
+              "SIGKILLed, 0.5 s apart, only once it is older than 10.5 s (the supervisor delays "
+              "the replacement of a worker that dies within 10 s of its start, on purpose: "
+              "crash-loop backoff); time from the SIGKILL to the new worker's first connection "
+              "(CLOCK_MONOTONIC, written by the worker at once; 'worker code running' = "
+              "when the new worker's count file appeared). Rolling: SIGHUP to the primary, then wait until every old worker is "
+              "gone and as many new ones have served.", ""]
 
     lines += goals(res)
     notes = res.get("notes") or []

@@ -1,7 +1,7 @@
 """Load harness (issue D): fastcluster beside Node cluster, uvicorn, gunicorn and
 SO_REUSEPORT, in one run, on loopback.
 
-    python -m bench                       # everything, about 6-8 minutes on 2 cores
+    python -m bench                       # everything, under 10 minutes on 2 cores
     python -m bench --servers fc-rr,node-rr,reuseport --duration 3 --skip slow,rolling
 
 Each server is a command line started in its own session on a free 127.0.0.1
@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds of keep-alive load before measuring a started server (1)")
-    ap.add_argument("--repeat", type=int, default=1,
+    ap.add_argument("--repeat", type=int, default=2,
                     help="start and measure every server this many times, interleaved; the "
-                         "tables show medians (1)")
+                         "tables show medians (2)")
     ap.add_argument("--servers", default="all",
                     help="comma-separated subset of: " + ", ".join(names)
                          + " (default all; the fc-* need the public API)")
@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slow-servers", default="auto",
                     help="servers for the slow-worker scenario (default: the fastcluster "
                          "policies and the counting SO_REUSEPORT server among --servers)")
-    ap.add_argument("--respawn-kills", type=int, default=10,
-                    help="SIGKILLs in the respawn scenario (10)")
+    ap.add_argument("--respawn-kills", type=int, default=8,
+                    help="SIGKILLs in the respawn scenario, 4 workers, each victim older "
+                         "than 10.5 s so no crash-loop backoff applies (8)")
     ap.add_argument("--hups", type=int, default=3, help="SIGHUPs in the rolling scenario (3)")
     ap.add_argument("--out", default=str(_env.REPO / "bench" / "results"),
                     help="directory for <name>.md/.json/.png (bench/results)")

@@ -45,7 +45,8 @@ def worker_main() -> None:
 
 
 if cluster.is_primary:
-    cluster.setup_primary(policy=POLICY)
+    # respawn: replace a worker that dies (the harness's respawn scenario kills some)
+    cluster.setup_primary(policy=POLICY, respawn=True)
     for _ in range(WORKERS):
         cluster.fork()
     cluster.run()
