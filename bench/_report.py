@@ -289,8 +289,8 @@ def markdown(res: Results) -> str:
               "the replacement of a worker that dies within 10 s of its start, on purpose: "
               "crash-loop backoff); time from the SIGKILL to the new worker's first connection "
               "(CLOCK_MONOTONIC, written by the worker at once; 'worker code running' = "
-              "when the new worker's count file appeared). Rolling: SIGHUP to the primary, then wait until every old worker is "
-              "gone and as many new ones have served.", ""]
+              "when the new worker's count file appeared). Rolling: SIGHUP to the primary, "
+              "then wait until every old worker is gone and as many new ones have served.", ""]
 
     lines += goals(res)
     notes = res.get("notes") or []
