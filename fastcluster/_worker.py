@@ -99,12 +99,25 @@ class _Waiter:
                 os.close(fd)
 
 
+class _OwnWorker(Worker):
+    """cluster.worker: registering a "message" listener releases the
+    messages that arrived before the worker's main registered one."""
+
+    _backend: WorkerRuntime
+
+    def on(self, event: str, fn: Any) -> Worker:
+        super().on(event, fn)
+        if event == "message":
+            self._backend.release_early()
+        return self
+
+
 class WorkerRuntime:
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
                  graceful_timeout: float) -> None:
-        self.worker = Worker(worker_id, self, os.getpid())
+        self.worker: Worker = _OwnWorker(worker_id, self, os.getpid())
         self.ctl = ControlSocket(ctl, accept_fds=True)
         self.intake = intake
         self.graceful_timeout = graceful_timeout
@@ -122,11 +135,13 @@ class WorkerRuntime:
         self._finished = threading.Event()
         self._main_done = threading.Event()
         self._main_returned = False
+        self._in_serve = False  # the main thread waits in serve(): no need to interrupt it
         self._main_ident = threading.main_thread().ident
         self._deadline = 0.0
         self._inline: _Waiter | None = None
         self._deferred: list[tuple[Frame, list[int]]] = []
         self.exit_now = False  # the SIGTERM handler raises SystemExit(0)
+        self._early: list[Any] = []  # messages that came before any "message" listener
 
     # -- life cycle (called by _boot) -----------------------------------------
 
@@ -149,9 +164,17 @@ class WorkerRuntime:
         return 0
 
     def serve(self) -> None:
-        """cluster.run() in a worker: serve the channel until disconnected."""
-        while not self._finished.wait(0.5):
-            pass
+        """cluster.run() in a worker: serve the channel until disconnected,
+        then return (the main thread is not interrupted)."""
+        if threading.get_ident() != self._main_ident:
+            self._finished.wait()
+            return
+        self._in_serve = True
+        try:
+            while not self._finished.wait(0.5):
+                pass
+        finally:
+            self._in_serve = False
 
     def main_done(self) -> None:
         self._main_returned = True
@@ -228,6 +251,8 @@ class WorkerRuntime:
                 self._finish(kick=False)
         elif word == "kill":
             self._finish(kick=True)
+        elif word == "early":
+            self._deliver(self._replay_early)
         # "check": the drain check follows in the loop
 
     def _dispatch(self) -> None:
@@ -258,9 +283,30 @@ class WorkerRuntime:
         if self._inline is not None:
             self._deferred.append((frame, []))
         elif t == "msg":
-            self._deliver(self.worker.emit, "message", frame.get("d"))
+            self._deliver(self._emit_message, frame.get("d"))
         elif t == "disconnect":
             self._begin_disconnect(by_primary=True)
+
+    def _emit_message(self, data: Any) -> None:
+        """In Node, a worker's main registers its handlers before any message
+        can be delivered (one thread). Here the channel thread may be faster:
+        a message that comes while the main runs and no handler is registered
+        yet waits for the first one (in order)."""
+        if self._early or (self.worker.listener_count("message") == 0
+                           and not self._main_returned):
+            self._early.append(data)
+            if self.worker.listener_count("message"):
+                self._replay_early()
+            return
+        self.worker.emit("message", data)
+
+    def _replay_early(self) -> None:
+        while self._early and self.worker.listener_count("message"):
+            self.worker.emit("message", self._early.pop(0))
+
+    def release_early(self) -> None:
+        if self._early:
+            self.post("early")  # replayed where messages are delivered, in order
 
     def _run_deferred(self) -> None:
         while self._deferred and self._inline is None:
@@ -327,10 +373,10 @@ class WorkerRuntime:
         self._waiters.clear()
         self._deliver(self.worker.emit, "disconnect")
         self._finished.set()
-        if kick and not self._main_returned:
+        if kick and not self._main_returned and not self._in_serve:
             if self._servers:  # an asyncio main: its servers end; let it return
                 self._main_done.wait(AIO_RETURN_GRACE)
-            if not self._main_returned:
+            if not self._main_returned and not self._in_serve:
                 self._kick_main()
 
     def _kick_main(self) -> None:
