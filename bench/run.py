@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"  failed: {e}")
 
     sup_fc = _servers.BY_NAME["fc-rr"]
-    if "respawn" not in a.skip_set:
+    if "respawn" not in a.skip_set and "fc-rr" in a.server_list:
         if not api_ok:
             res["respawn"]["fc-rr"] = {"skipped": api_reason}
         else:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if "rolling" not in a.skip_set:
         for name in ("fc-rr", "gunicorn-uvicorn", "uvicorn"):
             spec = _servers.BY_NAME[name]
-            if name not in a.server_list and name != "fc-rr":
+            if name not in a.server_list:
                 continue
             why = spec.missing(ctx, have)
             if why:
