@@ -29,18 +29,18 @@ class Hello(BaseHTTPRequestHandler):
 
 
 if cluster.is_primary:
-    print(f"Primary {os.getpid()} is running")
+    print(f"Primary {os.getpid()} is running", flush=True)
 
     # Fork workers.
     for _ in range(num_cpus):
         cluster.fork()
 
-    cluster.on("exit", lambda worker, code, signal: print(f"Worker {worker.pid} died"))
+    cluster.on("exit", lambda worker, code, signal: print(f"Worker {worker.pid} died", flush=True))
     cluster.run()  # in Python the primary's loop is explicit
 else:
     # Workers can share any TCP connection. In this case it is an HTTP server.
     server = HTTPServer(("127.0.0.1", port), Hello, bind_and_activate=False)
     cluster.listen_server(server)
 
-    print(f"Worker {os.getpid()} started")
+    print(f"Worker {os.getpid()} started", flush=True)
     server.serve_forever()

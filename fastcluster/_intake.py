@@ -3,22 +3,27 @@
 Theory of operation: the primary's C dispatcher sends a worker batches of
 accepted fds over one SOCK_SEQPACKET channel, each fd tagged with the id
 (lid) of the listening socket it came from. A worker may listen on several
-addresses, so batches are routed here to one Port per lid. A Port is what a
-Listener's fileno() shows a selector: an epoll fd holding
+addresses, so batches are routed here to one Port per lid. A Port's fileno()
+is what a selector watches for its Listener: an epoll fd holding the port's
+eventfd, kept signalled while the port's queue is not empty, so a server
+never sleeps on connections that were already delivered. Readiness must
+also mean "a connection for *this* listener", or a blocking accept() after
+select() would wait for its own connection while a sibling's sits queued.
+So, two modes:
 
-  - the data channel, readable when a batch is waiting (for anyone), and
-  - the port's eventfd, kept signalled while the port's queue is not empty,
+  direct  (one port, the usual case) the port's epoll also holds the data
+          channel: accept() pulls batches itself, no other thread involved.
+  routed  (two ports or more) no port holds the channel; a router (the
+          worker's channel thread) watches it and calls pull(), which routes
+          each fd to its port and signals that port's eventfd. accept()
+          still pulls opportunistically when its queue is empty.
 
-so a selector wakes while this listener has fds it has not handed out, and
-no server sleeps on connections that were already delivered. Whoever takes
-from a Port first pulls any waiting batches and routes them. fds for a lid
-nobody listens on any more are closed (and counted closed for `least`).
-
-stop() (graceful disconnect) drains what the channel holds, then closes it:
-the primary re-dispatches anything sent after that to other workers. The
-queues keep what was already received; listeners hand those out to the end.
-All of it is under one lock: the aio loop, a socketserver thread and the
-control thread may all touch it.
+fds for a lid nobody listens on any more are closed (and counted closed, for
+`least`). stop() (graceful disconnect) drains what the channel holds, then
+closes it: the primary passes anything sent later to other workers. Queues
+keep what was received; listeners hand those out to the end. Everything is
+under one lock: the asyncio loop, socketserver threads and the channel
+thread may all touch it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import os
 import select
 import threading
+from typing import Protocol
 
 from ._core import WorkerChannel
 
@@ -38,18 +44,22 @@ log = logging.getLogger("fastcluster")
 MAX_BATCHES_PER_PULL = 16
 
 
+class Router(Protocol):
+    def route(self, fd: int | None) -> None:
+        """Watch this data channel fd and call Intake.pull() when it is
+        readable (None: stop watching)."""
+
+
 class Port:
     """One listener's queue of received fds, and the fd a selector watches."""
 
-    def __init__(self, lid: int, channel_fd: int | None) -> None:
+    def __init__(self, lid: int) -> None:
         self.lid = lid
         self.fds: collections.deque[int] = collections.deque()
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ep = select.epoll()
         self.ep.register(self.efd, select.EPOLLIN)
-        self.channel_fd = channel_fd
-        if channel_fd is not None:
-            self.ep.register(channel_fd, select.EPOLLIN)
+        self.channel_fd: int | None = None  # registered in ep (direct mode)
         self.signalled = False
         self.closed = False
 
@@ -68,27 +78,43 @@ class Port:
                 os.eventfd_read(self.efd)
             self.signalled = False
 
-    def forget_channel(self) -> None:
-        if self.channel_fd is not None and not self.closed:
+    def watch_channel(self, fd: int | None) -> None:
+        if self.closed or fd == self.channel_fd:
+            return
+        if self.channel_fd is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.ep.unregister(self.channel_fd)
-        self.channel_fd = None
+        self.channel_fd = fd
+        if fd is not None:
+            self.ep.register(fd, select.EPOLLIN)
 
 
 class Intake:
-    def __init__(self, channel: WorkerChannel | None) -> None:
+    def __init__(self, channel: WorkerChannel | None, router: Router | None = None) -> None:
         self.channel = channel
+        self.router = router
         self.lock = threading.RLock()
         self.ports: dict[int, Port] = {}
         self.stopped = channel is None
+        self._routed = False
+
+    def _arrange(self) -> None:
+        """Direct mode for one port, routed mode for more (see above)."""
+        fd = None if self.stopped or self.channel is None else self.channel.fileno()
+        routed = fd is not None and len(self.ports) > 1 and self.router is not None
+        for port in self.ports.values():
+            port.watch_channel(None if routed else fd)
+        if routed != self._routed and self.router is not None:
+            self._routed = routed
+            self.router.route(fd if routed else None)
 
     def open_port(self, lid: int) -> Port:
         with self.lock:
             if lid in self.ports:
                 raise OSError(errno.EADDRINUSE, "this worker already listens on that address")
-            port = Port(lid, None if self.stopped or self.channel is None
-                        else self.channel.fileno())
+            port = Port(lid)
             self.ports[lid] = port
+            self._arrange()
             return port
 
     def take(self, port: Port) -> int | None:
@@ -101,6 +127,12 @@ class Intake:
             fd = port.fds.popleft() if port.fds else None
             port.sync()
             return fd
+
+    def pull(self) -> None:
+        """Routes what the channel holds (the router calls it)."""
+        with self.lock:
+            if not self.stopped:
+                self._pull()
 
     def _pull(self, max_batches: int = MAX_BATCHES_PER_PULL) -> None:
         channel = self.channel
@@ -131,9 +163,10 @@ class Intake:
             port.sync()
 
     def _close_channel(self) -> None:
+        if self.stopped and self.channel is None:
+            return
         self.stopped = True
-        for port in self.ports.values():
-            port.forget_channel()
+        self._arrange()  # nobody watches the channel any more
         if self.channel is not None:
             self.channel.close()
 
@@ -162,9 +195,11 @@ class Intake:
             while port.fds:
                 os.close(port.fds.popleft())
                 self.connection_closed()
+            port.watch_channel(None)
             port.closed = True
             port.ep.close()
             os.close(port.efd)
+            self._arrange()
 
     def close(self) -> None:
         """Closes every port and the channel (worker exit, or fork away)."""

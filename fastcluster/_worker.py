@@ -142,6 +142,11 @@ class WorkerRuntime:
         self._deferred: list[tuple[Frame, list[int]]] = []
         self.exit_now = False  # the SIGTERM handler raises SystemExit(0)
         self._early: list[Any] = []  # messages that came before any "message" listener
+        self._ep = select.epoll()  # the channel thread's: ctl, wake pipe, routed data channel
+        self._ep.register(self.ctl.fileno(), select.EPOLLIN)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._data_fd: int | None = None
+        intake.router = self
 
     # -- life cycle (called by _boot) -----------------------------------------
 
@@ -202,6 +207,7 @@ class WorkerRuntime:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._ep.close()
         self.ctl.close()
         self.intake.close()
 
@@ -221,15 +227,23 @@ class WorkerRuntime:
                     stream.flush()
             os._exit(0)
 
+    def route(self, fd: int | None) -> None:
+        """Router for the Intake: watch the data channel here (any thread)."""
+        old, self._data_fd = self._data_fd, fd
+        if old is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(old)
+        if fd is not None:
+            self._ep.register(fd, select.EPOLLIN)
+
     def _loop(self) -> None:
-        poller = select.poll()
         ctl_fd = self.ctl.fileno()
-        poller.register(ctl_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         while not self._finished.is_set():
-            timeout = TICK * 1000 if self.state == "disconnecting" else None
-            for fd, _ev in poller.poll(timeout):
-                if fd == self._wake_r:
+            timeout = TICK if self.state == "disconnecting" else -1
+            for fd, _ev in self._ep.poll(timeout):
+                if fd == self._data_fd:
+                    self.intake.pull()
+                elif fd == self._wake_r:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
                 elif fd == ctl_fd and not self.ctl.closed:

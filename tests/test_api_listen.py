@@ -1,0 +1,437 @@
+"""Shared ports (Node's test-cluster-listening-port, -eaddrinuse,
+-bind-privileged-port, -disconnect), Listener semantics, http.server and
+asyncio servers under every policy, and the README's example."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from _helpers import ROOT, env, free_port, http_get, lines, run, running, script  # noqa: F401
+
+POLICIES = ["rr", "least", "shared", "reuseport"]
+
+
+def test_listening_port_zero_is_one_real_port(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import fastcluster as cluster
+
+        if cluster.is_primary:
+            ports = []
+            def on_listening(w, address):
+                ports.append(address[1])
+                if len(ports) == 3:
+                    print("ports", len(set(ports)), ports[0] > 0, flush=True)
+                    cluster.disconnect(lambda: print("disconnected", flush=True))
+            cluster.on("listening", on_listening)
+            for _ in range(3):
+                cluster.fork()
+            cluster.run()
+        else:
+            listener = cluster.listen(("127.0.0.1", 0))
+            assert listener.getsockname()[1] > 0
+            cluster.run()
+    """)
+    proc = run(path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == ["ports 1 True", "disconnected"]
+
+
+def test_eaddrinuse_then_retry_succeeds(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import errno, os, socket
+        import fastcluster as cluster
+
+        port = int(os.environ["PORT"])
+        if cluster.is_primary:
+            w = cluster.fork()
+            # bound after the fork: a forked worker would hold its own copy
+            blocker = socket.socket()
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen()
+            def on_message(m):
+                print("worker says", m, flush=True)
+                blocker.close()
+                w.send("retry")
+            w.on("message", on_message)
+            w.on("listening", lambda address: print("listening", address[1] == port,
+                                                    flush=True) or w.disconnect())
+            cluster.run()
+        else:
+            try:
+                cluster.listen(("127.0.0.1", port))
+            except OSError as e:
+                cluster.worker.send(errno.errorcode[e.errno])
+            def retry(m):
+                cluster.listen(("127.0.0.1", port))
+            cluster.worker.on("message", retry)
+    """)
+    proc = run(path, dict(env, PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == ["worker says EADDRINUSE", "listening True"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root here: binding port 42 succeeds")
+def test_bind_privileged_port_eacces(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import errno
+        import fastcluster as cluster
+
+        if cluster.is_primary:
+            w = cluster.fork()
+            w.on("message", lambda m: print(m, flush=True))
+            cluster.run()
+        else:
+            try:
+                cluster.listen(("127.0.0.1", 42))
+            except OSError as e:
+                cluster.worker.send(errno.errorcode[e.errno])
+    """)
+    proc = run(path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == ["EACCES"]
+
+
+def test_disconnect_eight_workers_two_servers(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import os, selectors
+        import fastcluster as cluster
+
+        ports = [int(os.environ["PORT1"]), int(os.environ["PORT2"])]
+        if cluster.is_primary:
+            listening = []
+            served = []
+            def on_listening(w, address):
+                listening.append(address[1])
+                if len(listening) == 16:
+                    print("ready", sorted(set(listening)) == sorted(ports), flush=True)
+            def on_message(w, m):
+                served.append(m)
+                if len(served) == 10:
+                    def done():
+                        print("callback workers", len(cluster.workers), flush=True)
+                    cluster.disconnect(done)
+            cluster.on("listening", on_listening)
+            cluster.on("message", on_message)
+            exits = []
+            cluster.on("exit", lambda w, code, sig: exits.append((code, sig)))
+            for _ in range(8):
+                cluster.fork()
+            cluster.run()
+            print("exits", len(exits), set(exits), flush=True)
+        else:
+            sel = selectors.DefaultSelector()
+            for port in ports:
+                sel.register(cluster.listen(("127.0.0.1", port)), selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select(1.0):
+                    try:
+                        conn, _addr = key.fileobj.accept()
+                    except BlockingIOError:
+                        continue
+                    with conn:
+                        conn.sendall(conn.recv(100))
+                    cluster.worker.send(cluster.worker.id)
+    """)
+    p1, p2 = free_port(), free_port()
+    with running(path, dict(env, PORT1=str(p1), PORT2=str(p2))) as r:
+        assert r.wait_for("ready", timeout=10) == ["ready True"]
+        for i in range(10):
+            with socket.create_connection(("127.0.0.1", (p1, p2)[i % 2]), timeout=3) as c:
+                c.sendall(b"echo %d" % i)
+                assert c.recv(100) == b"echo %d" % i
+        code, out = r.finish()
+    assert code == 0
+    assert "callback workers 0" in out
+    assert "exits 8 {(0, None)}" in out
+
+
+def test_listener_stays_readable_while_it_holds_fds(tmp_path: Path,
+                                                   env: dict[str, str]) -> None:
+    """One accept per select() wake-up: fds that came in one batch must keep
+    the listener readable, or the server sleeps on delivered connections."""
+    path = script(tmp_path, """
+        import selectors, time
+        import fastcluster as cluster
+
+        if cluster.is_primary:
+            cluster.fork()
+            def on_message(w, m):
+                if m[0] == "port":  # only after the probes: they must see no client
+                    print("port", m[1], flush=True)
+                else:
+                    print("worker", m, flush=True)
+                    w.disconnect()
+            cluster.on("message", on_message)
+            cluster.run()
+        else:
+            listener = cluster.listen(("127.0.0.1", 0))
+            listener.setblocking(False)
+            try:
+                listener.accept()
+            except BlockingIOError:
+                nonblocking = "BlockingIOError"
+            listener.settimeout(0.1)
+            try:
+                listener.accept()
+            except TimeoutError:
+                timeout = "TimeoutError"
+            listener.setblocking(False)
+            cluster.worker.send(["port", listener.getsockname()[1]])
+            time.sleep(1.0)  # the test connects 5 clients meanwhile: one batch
+            sel = selectors.DefaultSelector()
+            sel.register(listener, selectors.EVENT_READ)
+            served, idle = 0, 0
+            deadline = time.monotonic() + 5
+            while served < 5 and time.monotonic() < deadline:
+                if not sel.select(0.5):
+                    idle += 1
+                    continue
+                conn, addr = listener.accept()  # one per wake-up
+                with conn:
+                    assert conn.gettimeout() is None and addr[0] == "127.0.0.1"
+                    conn.sendall(b"hi")
+                served += 1
+            cluster.worker.send([nonblocking, timeout, served, idle])
+            cluster.run()
+    """)
+    with running(path, env) as r:
+        port = int(r.wait_for("port")[0].split()[1])
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+        try:
+            for c in conns:
+                assert c.recv(10) == b"hi"
+        finally:
+            for c in conns:
+                c.close()
+        code, out = r.finish()
+    assert code == 0
+    assert "worker ['BlockingIOError', 'TimeoutError', 5, 0]" in out
+
+
+def test_closed_listener_takes_no_more_connections(tmp_path: Path,
+                                                   env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import os
+        import fastcluster as cluster
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        class H(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.send_header("X-Worker", os.environ["ROLE"])
+                self.end_headers()
+            def log_message(self, *a):
+                pass
+
+        if cluster.is_primary:
+            cluster.fork({"ROLE": "closer"})
+            cluster.fork({"ROLE": "server"})
+            cluster.on("message", lambda w, m: print(m, flush=True))
+            cluster.run()
+        else:
+            server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H,
+                                bind_and_activate=False)
+            cluster.listen_server(server)
+            if os.environ["ROLE"] == "closer":
+                server.server_close()
+                cluster.worker.send("closed")
+                cluster.run()
+            else:
+                cluster.worker.send("serving")
+                server.serve_forever()
+    """)
+    port = free_port()
+    with running(path, dict(env, PORT=str(port))) as r:
+        r.wait_for("closed")
+        r.wait_for("serving")
+        roles = {http_get(port)[1]["x-worker"] for _ in range(20)}
+        assert roles == {"server"}
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0
+
+
+HTTP_WORKER = """
+import asyncio, os, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import fastcluster as cluster
+import fastcluster.aio
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"Hello from Cluster!\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Worker-Pid", str(os.getpid()))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            body = b"Hello from Cluster!\\n"
+            close = b"connection: close" in head.lower()
+            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nX-Worker-Pid: %d\\r\\n"
+                         b"X-Loop: %s\\r\\n\\r\\n%s" % (len(body), os.getpid(),
+                         type(asyncio.get_running_loop()).__module__.encode(), body))
+            await writer.drain()
+            if close:
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+async def aio_main(address):
+    server = await fastcluster.aio.start_server(handle, address)
+    main_thread = []
+    cluster.worker.on("message", lambda m: main_thread.append(
+        threading.current_thread() is threading.main_thread()))
+    cluster.worker.send(["ready", list(server.getsockname()) if isinstance(
+        server.getsockname(), tuple) else server.getsockname()])
+    await server.serve_forever()
+    print("serve_forever returned", main_thread, flush=True)
+
+def main():
+    kind = os.environ["KIND"]
+    address = os.environ.get("ADDRESS") or ("127.0.0.1", int(os.environ["PORT"]))
+    if kind == "http":
+        server = ThreadingHTTPServer(address if isinstance(address, tuple) else
+                                     ("127.0.0.1", 0), H, bind_and_activate=False)
+        if isinstance(address, str):
+            server.server_address = address
+        cluster.listen_server(server)
+        cluster.worker.send(["ready", None])
+        server.serve_forever()
+    else:
+        if kind == "uvloop":
+            import uvloop
+            uvloop.install()
+        asyncio.run(aio_main(address))
+
+if __name__ == "__main__":
+    if cluster.is_primary:
+        cluster.setup_primary(start_method=os.environ.get("METHOD", "fork"))
+        if os.environ.get("METHOD") == "spawn":
+            cluster.setup_primary(target=main)
+        for _ in range(2):
+            cluster.fork()
+        ready = []
+        def on_message(w, m):
+            if m[0] == "ready":
+                ready.append(w.id)
+                if len(ready) == 2:
+                    print("ready", flush=True)
+                w.send("ping")
+        cluster.on("message", on_message)
+        cluster.on("exit", lambda w, code, sig: print("exit", code, sig, flush=True))
+        cluster.run()
+        print("primary done", flush=True)
+    else:
+        main()
+"""
+
+
+def _serve_and_check(tmp_path: Path, env: dict[str, str], kind: str, policy: str,
+                     method: str = "fork") -> None:
+    path = script(tmp_path, HTTP_WORKER)
+    port = free_port()
+    run_env = dict(env, KIND=kind, PORT=str(port), FASTCLUSTER_POLICY=policy, METHOD=method)
+    with running(path, run_env) as r:
+        r.wait_for("ready", timeout=10)
+        pids: dict[str, int] = {}
+        loops = set()
+        for _ in range(40):
+            status, headers, body = http_get(port)
+            assert (status, body) == (200, b"Hello from Cluster!\n")
+            pids[headers["x-worker-pid"]] = pids.get(headers["x-worker-pid"], 0) + 1
+            loops.add(headers.get("x-loop"))
+        r.signal(signal.SIGTERM)
+        code, out = r.finish()
+    assert code == 0, out
+    assert sorted(ln for ln in out if ln.startswith("exit")) == ["exit 0 None"] * 2, out
+    if policy in ("rr", "least"):
+        assert len(pids) == 2 and min(pids.values()) >= 15, pids
+    if kind != "http":
+        assert out.count("serve_forever returned [True]") == 2, out
+    if kind == "uvloop":
+        assert loops == {b"uvloop".decode()}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("kind", ["http", "asyncio"])
+def test_servers_under_each_policy(tmp_path: Path, env: dict[str, str], kind: str,
+                                   policy: str) -> None:
+    _serve_and_check(tmp_path, env, kind, policy)
+
+
+def test_uvloop_server(tmp_path: Path, env: dict[str, str]) -> None:
+    pytest.importorskip("uvloop")
+    _serve_and_check(tmp_path, env, "uvloop", "rr")
+
+
+@pytest.mark.parametrize("kind", ["http", "asyncio"])
+def test_spawn_servers(tmp_path: Path, env: dict[str, str], kind: str) -> None:
+    _serve_and_check(tmp_path, env, kind, "rr", method="spawn")
+
+
+@pytest.mark.parametrize("policy", ["rr", "shared"])
+def test_unix_socket_address(tmp_path: Path, env: dict[str, str], policy: str) -> None:
+    path = script(tmp_path, HTTP_WORKER)
+    sock_path = str(tmp_path / "http.sock")
+    run_env = dict(env, KIND="asyncio", ADDRESS=sock_path, PORT="0", FASTCLUSTER_POLICY=policy)
+    with running(path, run_env) as r:
+        r.wait_for("ready", timeout=10)
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(3)
+                c.connect(sock_path)
+                c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                for _ in range(100):
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                assert data.endswith(b"Hello from Cluster!\n")
+        r.signal(signal.SIGINT)
+        code, _out = r.finish()
+    assert code == 0
+    assert not os.path.exists(sock_path)  # the primary removed the socket file it made
+
+
+def test_hello_example(env: dict[str, str]) -> None:
+    """README's first command: the seed's example, answering from several workers."""
+    n = os.cpu_count() or 1
+    port = free_port()
+    with running(ROOT / "examples" / "hello_cluster.py", dict(env, PORT=str(port))) as r:
+        primary = r.wait_for("Primary")[0]
+        assert primary == f"Primary {r.pid} is running"
+        started = r.wait_for("Worker", n, timeout=15)
+        worker_pids = {ln.split()[1] for ln in started}
+        assert all(ln.endswith("started") for ln in started)
+        answered: set[str] = set()
+        deadline = time.monotonic() + 10
+        for _ in range(200):
+            if len(answered) >= min(n, 2) or time.monotonic() > deadline:
+                break
+            status, headers, body = http_get(port)
+            assert (status, body) == (200, b"Hello from Cluster!\n")
+            answered.add(headers["x-worker-pid"])
+        assert len(answered) >= min(n, 2) and answered <= worker_pids
+        r.signal(signal.SIGINT)
+        code, out = r.finish()
+    assert code == 0
+    assert sorted(ln for ln in out if ln.endswith("died")) == sorted(
+        f"Worker {pid} died" for pid in worker_pids)
