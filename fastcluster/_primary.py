@@ -135,6 +135,7 @@ class Primary:
         self._respawns_pending = 0
         self._backoff = Backoff()
         self._running = False
+        self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
 
     # -- settings ------------------------------------------------------------
 
@@ -189,6 +190,7 @@ class Primary:
         return self._spawn(extra)
 
     def _spawn(self, extra: dict[str, str]) -> Worker:
+        os.write(1, b"T spawn-called %.6f %d\n" % (time.monotonic(), os.getpid()))
         cfg = self.config()
         spawn = cfg.start_method == "spawn"
         spec = _boot.main_spec(cfg, spawn)
@@ -219,6 +221,7 @@ class Primary:
         if pid == 0:
             code = 1
             try:
+                os.write(1, b"T forked %.6f %d\n" % (time.monotonic(), os.getpid()))
                 _boot.die_with_parent(parent)
                 code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
             except BaseException:
@@ -282,6 +285,7 @@ class Primary:
         self.workers.clear()
         self._soon.clear()
         self._timers = Timers()
+        self._readers.clear()  # their fds are their owners' to close
 
     # -- the loop ------------------------------------------------------------
 
@@ -326,6 +330,8 @@ class Primary:
                 if kind == EV_WATCH:
                     if ident == self.WAKE_TOKEN:
                         self._drain_wake()
+                    elif ident < 0:
+                        self._on_reader(ident)
                     else:
                         proc = self._procs.get(ident)
                         if proc is not None:
@@ -683,6 +689,46 @@ class Primary:
                         len(self.workers))
         if self.registry is not None:
             self.registry.close_all()
+
+    # -- extra fds and stats (the CLI's status socket) -----------------------
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """Calls callback from the loop while fd is readable. For control-plane
+        fds (a status socket), never for served connections. fd stays the
+        caller's: remove_reader() before closing it."""
+        _t, dispatcher, _r = self._ensure_core()
+        dispatcher.watch(fd, -fd - 1, EPOLLIN)  # workers' tokens are ids >= 1
+        self._readers[-fd - 1] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(-fd - 1, None) is not None and self.dispatcher is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.dispatcher.unwatch(fd)
+
+    def _on_reader(self, token: int) -> None:
+        callback = self._readers.get(token)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("fastcluster: a reader callback raised")
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per live worker: id, pid, state, slot, uptime (s), exiting, and the
+        dispatcher's and shared counters (dispatched, held, unsent, taken,
+        closed, requests). Read when asked; nothing is counted in Python."""
+        out: list[dict[str, Any]] = []
+        now = time.monotonic()
+        for proc in self._procs.values():
+            w = proc.worker
+            d: dict[str, Any] = {"id": w.id, "pid": w.pid, "state": w.state,
+                                 "slot": proc.slot, "uptime": now - proc.started,
+                                 "exiting": bool(w.exited_after_disconnect)}
+            if self.dispatcher is not None and not proc.dead:
+                with contextlib.suppress(OSError, ValueError):
+                    d.update(self.dispatcher.slot_stats(proc.slot))
+            out.append(d)
+        return out
 
     # -- Worker backend ------------------------------------------------------
 
