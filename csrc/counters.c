@@ -3,10 +3,12 @@
 #include "counters.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 _Static_assert(sizeof(fc_counters) == 64, "one cache line per slot");
+_Static_assert(offsetof(fc_counters, beat) % 8 == 0, "beat is naturally aligned");
 
 static size_t table_size(int nslots)
 {
@@ -83,4 +85,24 @@ int fc_counters_want_wake(fc_counters *slot, uint64_t seen)
         return 1;
     }
     return 0;
+}
+
+void fc_counters_set_beat(fc_counters *slot, uint64_t stamp)
+{
+    __atomic_store_n(&slot->beat, stamp, __ATOMIC_RELEASE);
+}
+
+uint64_t fc_counters_get_beat(const fc_counters *slot)
+{
+    return __atomic_load_n(&slot->beat, __ATOMIC_ACQUIRE);
+}
+
+void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms)
+{
+    __atomic_store_n(&slot->beat_ms, ms, __ATOMIC_RELEASE);
+}
+
+uint32_t fc_counters_get_beat_ms(const fc_counters *slot)
+{
+    return __atomic_load_n(&slot->beat_ms, __ATOMIC_ACQUIRE);
 }

@@ -7,6 +7,10 @@
  * per-connection acknowledgement: it reads `taken` to learn which fds a
  * worker has received (and closes its own copies of those), and `closed` to
  * learn how many connections the worker has finished (for `least`).
+ *
+ * `beat` is the hang detector's proof of life (fastcluster/_heartbeat.py):
+ * the thread that serves connections stamps it, the primary reads its age
+ * on a timer. `beat_ms` tells the worker how often to stamp.
  */
 #ifndef FC_COUNTERS_H
 #define FC_COUNTERS_H
@@ -19,7 +23,11 @@ typedef struct fc_counters {
     uint64_t requests;  /* requests served, for status only (worker writes) */
     uint32_t wake;      /* 1: the primary is waiting for `taken` to move */
     uint32_t pid;       /* the worker's pid, for status only (primary writes) */
-    uint8_t  pad_[32];  /* one cache line per slot: no false sharing */
+    uint64_t beat;      /* CLOCK_MONOTONIC ns of the serving loop's last beat;
+                           0: not beating (worker writes) */
+    uint32_t beat_ms;   /* how often to beat, ms; 0: hang detection off
+                           (primary writes before the fork) */
+    uint8_t  pad_[20];  /* one cache line per slot: no false sharing */
 } fc_counters;
 
 /* Creates an anonymous shared table of nslots zeroed slots. Returns the
@@ -43,5 +51,12 @@ int fc_counters_took(fc_counters *slot, uint64_t n);
 /* Primary side: asks to be woken when `taken` moves past `seen`. Returns 1
  * when it already has (no need to wait), else 0. */
 int fc_counters_want_wake(fc_counters *slot, uint64_t seen);
+
+/* Heartbeat: the worker stores a stamp (0: not beating), the primary loads
+ * it; the interval is set by the primary and read by the worker. */
+void fc_counters_set_beat(fc_counters *slot, uint64_t stamp);
+uint64_t fc_counters_get_beat(const fc_counters *slot);
+void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms);
+uint32_t fc_counters_get_beat_ms(const fc_counters *slot);
 
 #endif

@@ -15,12 +15,18 @@ cdef extern from "counters.h" nogil:
         uint64_t requests
         uint32_t wake
         uint32_t pid
+        uint64_t beat
+        uint32_t beat_ms
     int fc_counters_create(int nslots, fc_counters **table)
     int fc_counters_attach(int fd, int nslots, fc_counters **table)
     void fc_counters_detach(fc_counters *table, int nslots)
     uint64_t fc_counter_load(const uint64_t *c)
     void fc_counter_add(uint64_t *c, uint64_t n)
     int fc_counters_took(fc_counters *slot, uint64_t n)
+    void fc_counters_set_beat(fc_counters *slot, uint64_t stamp)
+    uint64_t fc_counters_get_beat(const fc_counters *slot)
+    void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms)
+    uint32_t fc_counters_get_beat_ms(const fc_counters *slot)
 
 
 cdef extern from "intake.h" nogil:
