@@ -190,7 +190,6 @@ class Primary:
         return self._spawn(extra)
 
     def _spawn(self, extra: dict[str, str]) -> Worker:
-        os.write(1, b"T spawn-called %.6f %d\n" % (time.monotonic(), os.getpid()))
         cfg = self.config()
         spawn = cfg.start_method == "spawn"
         spec = _boot.main_spec(cfg, spawn)
@@ -221,7 +220,6 @@ class Primary:
         if pid == 0:
             code = 1
             try:
-                os.write(1, b"T forked %.6f %d\n" % (time.monotonic(), os.getpid()))
                 _boot.die_with_parent(parent)
                 code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
             except BaseException:
