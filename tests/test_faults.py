@@ -1,0 +1,96 @@
+"""Faults under load (issue E): workers SIGKILLed at random while clients
+run, and rolling restarts. The promise checked: a connection the primary
+accepted is served unless the worker that had already taken it dies.
+
+How the exact bound is counted: every worker publishes, in the shared
+counter table, the fds it took off its data channel (`taken`) and the
+connections it finished (`closed`). At a worker's "exit" the primary script
+reads its slot; taken - closed is what died with it. Client failures must
+not exceed the sum over the killed workers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from _faults import HTTP_SERVER, Load, children, request, wait_until
+from _helpers import env, free_port, running, script  # noqa: F401
+
+WORKERS = 4
+
+CHAOS = HTTP_SERVER + """
+from fastcluster import _role
+from fastcluster._backoff import Backoff
+
+if cluster.is_primary:
+    cluster.setup_primary(respawn=True)
+    # Every worker dies young here, which the crash-loop pacer would slow to
+    # 30 s between replacements; chaos wants them back in milliseconds.
+    _role.primary()._backoff = Backoff(first=0.005, cap=0.02)
+
+    def slot_of(pid):
+        table = _role.primary().table
+        for slot in range(table.nslots):
+            c = table.read(slot)
+            if c["pid"] == pid:
+                return c
+        return {"taken": -1, "closed": -1}
+
+    def on_exit(w, code, sig):
+        c = slot_of(w.pid)
+        print("exit", w.pid, code, sig, c["taken"], c["closed"], flush=True)
+
+    cluster.on("exit", on_exit)
+    cluster.on("message", lambda w, m: print(m, w.pid, flush=True))
+    for _ in range(int(os.environ["WORKERS"])):
+        cluster.fork()
+    cluster.run()
+else:
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_chaos_sigkill_a_worker_every_200ms(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, CHAOS)
+    port = free_port()
+    rng = random.Random(1234)
+    killed: list[int] = []
+    with running(path, dict(env, PORT=str(port), WORKERS=str(WORKERS))) as r:
+        r.wait_for("serving", WORKERS, timeout=15)
+        load = Load(port, threads=6, max_seconds=40).start()
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:  # 50 rounds at most
+            time.sleep(0.2)
+            live = [p for p in children(r.pid) if p not in killed]
+            if live:
+                victim = rng.choice(live)
+                killed.append(victim)
+                os.kill(victim, signal.SIGKILL)
+        load.stop()
+        # the count comes back: WORKERS live children, each serving
+        assert wait_until(lambda: len(children(r.pid)) == WORKERS, 10), children(r.pid)
+        served_by: set[str] = set()
+        for _ in range(40):
+            ok, pid = request(port)
+            assert ok, pid
+            served_by.add(pid)
+        assert {int(p) for p in served_by} == set(children(r.pid))
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    exits = [ln.split() for ln in out if ln.startswith("exit ")]
+    died_with = {int(pid): int(taken) - int(closed)
+                 for _e, pid, _code, sig, taken, closed in exits if sig == "SIGKILL"}
+    assert set(died_with) == set(killed), (killed, exits)
+    assert all(v >= 0 for v in died_with.values())
+    bound = sum(died_with.values())
+    failed = sum(load.failed.values())
+    print(f"chaos: {len(killed)} kills, {load.attempted} requests, {failed} failed "
+          f"({dict(load.failed)}), bound {bound}")
+    assert len(killed) >= 40
+    assert load.ok >= 500
+    assert failed <= bound, (dict(load.failed), died_with)
