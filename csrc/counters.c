@@ -97,12 +97,12 @@ uint64_t fc_counters_get_beat(const fc_counters *slot)
     return __atomic_load_n(&slot->beat, __ATOMIC_ACQUIRE);
 }
 
-void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms)
+void fc_counters_set_timeout_ms(fc_counters *slot, uint32_t ms)
 {
-    __atomic_store_n(&slot->beat_ms, ms, __ATOMIC_RELEASE);
+    __atomic_store_n(&slot->timeout_ms, ms, __ATOMIC_RELEASE);
 }
 
-uint32_t fc_counters_get_beat_ms(const fc_counters *slot)
+uint32_t fc_counters_get_timeout_ms(const fc_counters *slot)
 {
-    return __atomic_load_n(&slot->beat_ms, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&slot->timeout_ms, __ATOMIC_ACQUIRE);
 }

@@ -10,7 +10,8 @@
  *
  * `beat` is the hang detector's proof of life (fastcluster/_heartbeat.py):
  * the thread that serves connections stamps it, the primary reads its age
- * on a timer. `beat_ms` tells the worker how often to stamp.
+ * on a timer. `timeout_ms` is the hang timeout the primary applies to this
+ * worker (the worker derives how often to stamp from it).
  */
 #ifndef FC_COUNTERS_H
 #define FC_COUNTERS_H
@@ -25,7 +26,7 @@ typedef struct fc_counters {
     uint32_t pid;       /* the worker's pid, for status only (primary writes) */
     uint64_t beat;      /* CLOCK_MONOTONIC ns of the serving loop's last beat;
                            0: not beating (worker writes) */
-    uint32_t beat_ms;   /* how often to beat, ms; 0: hang detection off
+    uint32_t timeout_ms; /* hang timeout, ms; 0: hang detection off
                            (primary writes before the fork) */
     uint8_t  pad_[20];  /* one cache line per slot: no false sharing */
 } fc_counters;
@@ -53,10 +54,10 @@ int fc_counters_took(fc_counters *slot, uint64_t n);
 int fc_counters_want_wake(fc_counters *slot, uint64_t seen);
 
 /* Heartbeat: the worker stores a stamp (0: not beating), the primary loads
- * it; the interval is set by the primary and read by the worker. */
+ * it; the timeout is set by the primary and read by the worker. */
 void fc_counters_set_beat(fc_counters *slot, uint64_t stamp);
 uint64_t fc_counters_get_beat(const fc_counters *slot);
-void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms);
-uint32_t fc_counters_get_beat_ms(const fc_counters *slot);
+void fc_counters_set_timeout_ms(fc_counters *slot, uint32_t ms);
+uint32_t fc_counters_get_timeout_ms(const fc_counters *slot);
 
 #endif

@@ -16,7 +16,7 @@ cdef extern from "counters.h" nogil:
         uint32_t wake
         uint32_t pid
         uint64_t beat
-        uint32_t beat_ms
+        uint32_t timeout_ms
     int fc_counters_create(int nslots, fc_counters **table)
     int fc_counters_attach(int fd, int nslots, fc_counters **table)
     void fc_counters_detach(fc_counters *table, int nslots)
@@ -25,8 +25,8 @@ cdef extern from "counters.h" nogil:
     int fc_counters_took(fc_counters *slot, uint64_t n)
     void fc_counters_set_beat(fc_counters *slot, uint64_t stamp)
     uint64_t fc_counters_get_beat(const fc_counters *slot)
-    void fc_counters_set_beat_ms(fc_counters *slot, uint32_t ms)
-    uint32_t fc_counters_get_beat_ms(const fc_counters *slot)
+    void fc_counters_set_timeout_ms(fc_counters *slot, uint32_t ms)
+    uint32_t fc_counters_get_timeout_ms(const fc_counters *slot)
 
 
 cdef extern from "intake.h" nogil:

@@ -35,11 +35,11 @@ class CounterTable:
     @property
     def nslots(self) -> int: ...
     def read(self, slot: int) -> dict[str, int]:
-        """{"taken", "closed", "requests", "pid", "beat", "beat_ms"} of one slot."""
+        """{"taken", "closed", "requests", "pid", "beat", "timeout_ms"} of one slot."""
     def beat(self, slot: int) -> int:
         """The slot's last heartbeat stamp (time.monotonic_ns(); 0: not beating)."""
-    def set_beat_ms(self, slot: int, ms: int) -> None:
-        """How often the slot's worker should beat (0: hang detection off)."""
+    def set_timeout_ms(self, slot: int, ms: int) -> None:
+        """The hang timeout applied to the slot's worker, ms (0: off)."""
     def add_closed(self, slot: int, n: int = 1) -> None: ...
     def add_requests(self, slot: int, n: int = 1) -> None: ...
     def set_pid(self, slot: int, pid: int) -> None: ...
@@ -65,8 +65,8 @@ class WorkerChannel:
         """Stores a heartbeat stamp (time.monotonic_ns(); 0: not beating).
         Works after close(): the slot outlives the channel."""
     @property
-    def beat_ms(self) -> int:
-        """How often the primary wants a beat, ms (0: hang detection off)."""
+    def timeout_ms(self) -> int:
+        """The hang timeout the primary applies to this worker, ms (0: off)."""
     def close(self) -> None: ...
 
 class Dispatcher:

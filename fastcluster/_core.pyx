@@ -132,17 +132,17 @@ cdef class CounterTable:
             "requests": fc_counter_load(&c.requests),
             "pid": c.pid,
             "beat": fc_counters_get_beat(c),
-            "beat_ms": fc_counters_get_beat_ms(c),
+            "timeout_ms": fc_counters_get_timeout_ms(c),
         }
 
     def beat(self, int slot):
         """The slot's last heartbeat stamp (monotonic ns; 0: not beating)."""
         return fc_counters_get_beat(self.slot_ptr(slot))
 
-    def set_beat_ms(self, int slot, ms):
+    def set_timeout_ms(self, int slot, ms):
         if ms < 0 or ms > 0xFFFFFFFF:
             raise ValueError(f"ms must be 0 to {0xFFFFFFFF}, got {ms!r}")
-        fc_counters_set_beat_ms(self.slot_ptr(slot), ms)
+        fc_counters_set_timeout_ms(self.slot_ptr(slot), ms)
 
     def add_closed(self, int slot, int n=1):
         fc_counter_add(&self.slot_ptr(slot).closed, n)
@@ -207,8 +207,8 @@ cdef class WorkerChannel:
         fc_counters_set_beat(self.counters, stamp)
 
     @property
-    def beat_ms(self):
-        return fc_counters_get_beat_ms(self.counters)
+    def timeout_ms(self):
+        return fc_counters_get_timeout_ms(self.counters)
 
     def close(self):
         if self.fd >= 0:
