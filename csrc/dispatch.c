@@ -43,6 +43,7 @@ typedef struct fc_listener {
 
 typedef struct fc_worker {
     int data_fd;         /* our end of the data channel; -1: free slot */
+    int peer_fd;         /* our hold on the worker's end, or -1 (see add_worker) */
     int out_armed;       /* EPOLLOUT armed: the channel was full */
     int waiting;         /* we asked the worker to wake us */
     int dirty;           /* has unsent fds, in d->dirty */
@@ -127,7 +128,7 @@ int fc_dispatcher_new(fc_dispatcher **out, fc_counters *table, int nslots,
         goto fail;
     }
     for (int i = 0; i < nslots; i++)
-        d->workers[i].data_fd = -1;
+        d->workers[i].data_fd = d->workers[i].peer_fd = -1;
     d->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (d->epfd < 0) {
         r = -errno;
@@ -152,6 +153,8 @@ void fc_dispatcher_free(fc_dispatcher *d)
         fc_worker *w = &d->workers[i];
         if (w->data_fd >= 0)
             close(w->data_fd);
+        if (w->peer_fd >= 0)
+            close(w->peer_fd);
         fc_ledger_free(&w->ledger);
     }
     for (int i = 0; i < d->nlisteners; i++) {
@@ -258,14 +261,14 @@ static int orphan_push(fc_listener *l, int fd)
 
 /* ---- workers --------------------------------------------------------- */
 
-int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd)
+int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd)
 {
     fc_worker *w;
     int r, flags;
 
     if (slot < 0 || slot >= d->nslots)
         return -EINVAL;
-    if (data_fd < 0)
+    if (data_fd < 0 || peer_fd < -1)
         return -EBADF;
     w = &d->workers[slot];
     if (w->data_fd >= 0)
@@ -284,6 +287,7 @@ int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd)
         return r;
     memset(&d->table[slot], 0, sizeof(fc_counters));
     w->data_fd = data_fd;
+    w->peer_fd = peer_fd;
     w->out_armed = w->waiting = w->dirty = 0;
     w->dispatched = 0;
     if (slot >= d->top)
@@ -335,6 +339,33 @@ int fc_dispatcher_unsubscribe(fc_dispatcher *d, int slot, int lid)
     return 0;
 }
 
+/* Reads back, from our hold on a gone worker's end, every batch it had not
+ * received, and queues those fds for other workers. The worker may still be
+ * alive (it hung up its end): each message goes to exactly one reader, so
+ * an fd is either the worker's (counted taken) or comes back here, never
+ * both. Bounded: the queue holds at most a window's worth. */
+static int take_back(fc_dispatcher *d, int peer_fd)
+{
+    int fds[FC_FDPASS_MAX], moved = 0;
+    uint32_t tags[FC_FDPASS_MAX];
+
+    for (int round = 0; round < 65536; round++) {
+        int n = fc_recv_fds_flags(peer_fd, fds, tags, FC_FDPASS_MAX, MSG_DONTWAIT);
+        if (n == -EMSGSIZE || n == -EBADMSG)
+            continue; /* lost to our own fd limit, or not ours: keep reading */
+        if (n <= 0)
+            break; /* -EAGAIN: empty */
+        for (int k = 0; k < n; k++) {
+            if (valid_listener(d, (int)tags[k]) &&
+                orphan_push(&d->listeners[tags[k]], fds[k]) == 0)
+                moved++;
+            else
+                close(fds[k]);
+        }
+    }
+    return moved;
+}
+
 int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
 {
     fc_worker *w;
@@ -350,6 +381,11 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
     /* Whatever the worker counted as taken is its own (and died with it);
      * the rest never reached it: ours are the only copies. */
     fc_ledger_reclaim(led, fc_counter_load(&d->table[slot].taken));
+    if (w->peer_fd >= 0) {
+        moved += take_back(d, w->peer_fd); /* before our end closes: the queue goes with it */
+        close(w->peer_fd);
+        w->peer_fd = -1;
+    }
     epoll_ctl(d->epfd, EPOLL_CTL_DEL, w->data_fd, NULL);
     close(w->data_fd);
     w->data_fd = -1;
@@ -367,6 +403,8 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
     for (uint64_t i = led->head; i < led->tail; i++) {
         int fd = led->fds[i & led->mask];
         uint32_t lid = led->tags[i & led->mask];
+        if (fd < 0)
+            continue; /* sent, copy closed: take_back() had it if it was not taken */
         if (valid_listener(d, (int)lid) && orphan_push(&d->listeners[lid], fd) == 0) {
             moved++;
         } else {
@@ -541,6 +579,14 @@ static void flush(fc_dispatcher *d, int slot)
             worker_gone(d, slot); /* EPIPE, ECONNRESET: the worker's end is closed */
             return;
         }
+        if (w->peer_fd >= 0) {
+            /* The queue holds the file now and take_back() can read it back:
+             * our copy would only delay the FIN of the worker's close(). */
+            for (uint64_t i = led->sent; i < led->sent + (uint64_t)n; i++) {
+                close(led->fds[i & led->mask]);
+                led->fds[i & led->mask] = -1;
+            }
+        }
         led->sent += (uint64_t)n;
     }
     if (w->out_armed &&
@@ -605,6 +651,8 @@ static int ask_wake(fc_dispatcher *d)
         fc_worker *w = &d->workers[s];
         if (w->data_fd < 0 || w->waiting || w->ledger.sent == w->ledger.head)
             continue;
+        if (w->peer_fd >= 0 && room(d, w) > 0)
+            continue; /* no copies to close: only a full window needs to hear */
         if (fc_counters_want_wake(&d->table[s], fc_counter_load(&d->table[s].taken))) {
             fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
             moved = 1;

@@ -91,8 +91,17 @@ int fc_dispatcher_add_listener(fc_dispatcher *d, int fd);
 int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid);
 
 /* Puts a worker in slot, with its data channel (ownership passes here).
- * Zeroes the slot's counters: call it before the worker starts. */
-int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd);
+ * Zeroes the slot's counters: call it before the worker starts.
+ *
+ * peer_fd, if not -1, is a descriptor of the worker's own end of the channel
+ * (ownership passes here too). Holding it, the dispatcher closes its copy of
+ * each fd as soon as it is sent, and when the worker goes reads back from
+ * the worker's end whatever it had not received. Without it, the dispatcher
+ * keeps a copy of each fd until the worker's counter shows it taken, and
+ * asks the worker for a wake-up to learn that. With a hold, a worker's
+ * close() of its end is no hang-up (we hold it too): the worker must
+ * shutdown() its end, or the caller remove_worker() when it reaps it. */
+int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd);
 
 /* The worker in slot takes (or stops taking) connections of listener lid.
  * Unsubscribing keeps fds already given: the worker still takes them. */

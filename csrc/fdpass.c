@@ -79,6 +79,11 @@ static int collect_fds(struct msghdr *msg, int *out, int max, int *overflow)
 
 int fc_recv_fds(int sock, int *fds, uint32_t *tags, int max)
 {
+    return fc_recv_fds_flags(sock, fds, tags, max, 0);
+}
+
+int fc_recv_fds_flags(int sock, int *fds, uint32_t *tags, int max, int flags)
+{
     fc_cmsgbuf cbuf;
     uint32_t payload[FC_FDPASS_MAX + 1];
     struct iovec iov;
@@ -101,7 +106,7 @@ int fc_recv_fds(int sock, int *fds, uint32_t *tags, int max)
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)max);
 
     do
-        r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags);
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return errno == EWOULDBLOCK ? -EAGAIN : -errno;

@@ -34,4 +34,8 @@ int fc_send_fds(int sock, const int *fds, const uint32_t *tags, int n);
  * fds are closed), or another -errno. */
 int fc_recv_fds(int sock, int *fds, uint32_t *tags, int max);
 
+/* fc_recv_fds with extra recvmsg flags (MSG_DONTWAIT: never block, whatever
+ * the socket's mode, as when reading a worker's end of its channel). */
+int fc_recv_fds_flags(int sock, int *fds, uint32_t *tags, int max, int flags);
+
 #endif

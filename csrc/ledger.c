@@ -27,7 +27,8 @@ int fc_ledger_init(fc_ledger *l, uint32_t cap)
 void fc_ledger_reset(fc_ledger *l)
 {
     for (uint64_t i = l->head; i < l->tail; i++)
-        close(l->fds[i & l->mask]);
+        if (l->fds[i & l->mask] >= 0)
+            close(l->fds[i & l->mask]);
     l->head = l->sent = l->tail = 0;
 }
 
@@ -47,7 +48,8 @@ uint32_t fc_ledger_reclaim(fc_ledger *l, uint64_t taken)
     uint64_t upto = taken < l->sent ? taken : l->sent; /* a worker's counter is not trusted past what we sent */
     uint32_t n = 0;
     while (l->head < upto) {
-        close(l->fds[l->head & l->mask]);
+        if (l->fds[l->head & l->mask] >= 0)
+            close(l->fds[l->head & l->mask]);
         l->head++;
         n++;
     }

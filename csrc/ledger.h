@@ -9,8 +9,11 @@
  *     [taken, sent)  in the channel's queue: ours are the copies that count
  *     [sent, tail)   assigned, not yet sent (the channel was full)
  *
- * The primary keeps its copy of every fd in [head, tail), so a worker that
- * dies with fds in its queue loses no connection: they go to another worker.
+ * Without a hold on the worker's end, the primary keeps its copy of every fd
+ * in [head, tail), so a worker that dies with fds in its queue loses no
+ * connection: they go to another worker. With one (the dispatcher's
+ * peer_fd), copies are closed once sent (their entries become -1) and the
+ * queue itself is read back instead; the positions still count the window.
  */
 #ifndef FC_LEDGER_H
 #define FC_LEDGER_H

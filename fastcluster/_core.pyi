@@ -58,6 +58,8 @@ class WorkerChannel:
         """One batch as [(tag, fd), ...], owned by the caller; [] when nothing
         is queued; None when the primary hung up. Counts the fds as taken
         (and wakes the primary when it asked)."""
+    def forget(self) -> None:
+        """Closes this process's descriptor only (in a child the worker forked)."""
     def connection_closed(self, n: int = 1) -> None:
         """n connections this worker took are finished (for `least`)."""
     def request_done(self, n: int = 1) -> None: ...
@@ -86,9 +88,12 @@ class Dispatcher:
     def add_listener(self, fd: int) -> int:
         """Returns the listener id (the tag its fds carry). fd stays the caller's."""
     def remove_listener(self, lid: int) -> None: ...
-    def add_worker(self, slot: int, data_fd: int) -> None:
+    def add_worker(self, slot: int, data_fd: int, peer_fd: int | None = None) -> None:
         """data_fd (the primary's end) becomes the dispatcher's. Zeroes the
-        slot's counters: call before the worker starts."""
+        slot's counters: call before the worker starts. peer_fd (the
+        worker's end) stays the caller's; the dispatcher holds a duplicate,
+        closes its copies once sent and reads the queue back when the worker
+        goes (remove_worker)."""
     def subscribe(self, slot: int, lid: int) -> None: ...
     def unsubscribe(self, slot: int, lid: int) -> None: ...
     def remove_worker(self, slot: int) -> int:

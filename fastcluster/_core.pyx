@@ -8,6 +8,7 @@ block (the dispatcher's epoll loop) release the GIL; none calls back into
 Python. Arguments are checked here and named in the errors.
 """
 
+import fcntl as _fcntl
 import os as _os
 import sys as _sys
 
@@ -22,6 +23,11 @@ from libc.errno cimport EAGAIN
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int shutdown(int fd, int how)
+    enum: SHUT_RDWR
 
 
 FDPASS_MAX = FC_FDPASS_MAX
@@ -211,6 +217,16 @@ cdef class WorkerChannel:
         return fc_counters_get_timeout_ms(self.counters)
 
     def close(self):
+        # shutdown first: the primary may hold our end too (add_worker's
+        # peer_fd), and must see this as a hang-up to pass on what is queued.
+        if self.fd >= 0:
+            shutdown(self.fd, SHUT_RDWR)
+            close(self.fd)
+            self.fd = -1
+
+    def forget(self):
+        """Closes this process's descriptor only (a child the worker forked:
+        the channel stays the worker's)."""
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
@@ -271,9 +287,20 @@ cdef class Dispatcher:
     def remove_listener(self, int lid):
         _check(fc_dispatcher_remove_listener(self.ptr(), lid), "remove_listener")
 
-    def add_worker(self, int slot, data_fd):
-        _check(fc_dispatcher_add_worker(self.ptr(), slot, _fd_arg(data_fd, "data_fd")),
-               "add_worker")
+    def add_worker(self, int slot, data_fd, peer_fd=None):
+        """data_fd becomes the dispatcher's. peer_fd (the worker's end) stays
+        the caller's: the dispatcher holds a close-on-exec duplicate of it, so
+        it closes its copy of each fd once sent and reads back, when the
+        worker goes, what the worker never received (csrc/dispatch.h)."""
+        cdef int data = _fd_arg(data_fd, "data_fd")
+        cdef int peer = -1
+        if peer_fd is not None:
+            peer = _fd_arg(peer_fd, "peer_fd")
+            peer = _fcntl.fcntl(peer, _fcntl.F_DUPFD_CLOEXEC, 0)
+        r = fc_dispatcher_add_worker(self.ptr(), slot, data, peer)
+        if r < 0 and peer >= 0:
+            close(peer)
+        _check(r, "add_worker")
 
     def subscribe(self, int slot, int lid):
         _check(fc_dispatcher_subscribe(self.ptr(), slot, lid), "subscribe")

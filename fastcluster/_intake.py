@@ -128,6 +128,18 @@ class Intake:
             port.sync()
             return fd
 
+    def take_many(self, port: Port, limit: int) -> list[int]:
+        """Up to limit fds for port (now the caller's): one lock, one pull."""
+        with self.lock:
+            if port.closed:
+                raise OSError(errno.EBADF, "listener is closed")
+            if not port.fds and not self.stopped:
+                self._pull()
+            fds = port.fds
+            got = [fds.popleft() for _ in range(min(limit, len(fds)))]
+            port.sync()
+            return got
+
     def pull(self) -> None:
         """Routes what the channel holds (the router calls it)."""
         with self.lock:
@@ -202,8 +214,26 @@ class Intake:
             self._arrange()
 
     def close(self) -> None:
-        """Closes every port and the channel (worker exit, or fork away)."""
+        """Closes every port and the channel (worker exit)."""
         with self.lock:
             for port in list(self.ports.values()):
                 self.close_port(port)
             self._close_channel()
+
+    def forget(self) -> None:
+        """In a child the worker's code forked: drops this process's
+        descriptors and nothing else; the fds, counters and channel stay the
+        worker's (a shutdown() here would hang up the worker's channel)."""
+        with self.lock:
+            for port in self.ports.values():
+                if not port.closed:
+                    for fd in port.fds:
+                        os.close(fd)
+                    port.fds.clear()
+                    port.closed = True
+                    port.ep.close()
+                    os.close(port.efd)
+            self.ports.clear()
+            self.stopped = True
+            if self.channel is not None:
+                self.channel.forget()

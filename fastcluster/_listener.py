@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import _heartbeat
 from ._address import Address
 from ._intake import Intake, Port
 
@@ -48,12 +49,12 @@ from ._intake import Intake, Port
 class Tracker(Protocol):
     """Counts a worker's open connections (the runtime implements it)."""
 
-    def conn_opened(self) -> None: ...
+    def conn_opened(self, n: int = 1) -> None: ...
     def conn_closed(self) -> None: ...
 
 
 class NullTracker:
-    def conn_opened(self) -> None:
+    def conn_opened(self, n: int = 1) -> None:
         pass
 
     def conn_closed(self) -> None:
@@ -258,6 +259,21 @@ class IntakeListener(Listener):
 
         return fd, Release(done)
 
+    def _take_batch(self, limit: int) -> list[int]:
+        """Up to limit connections' fds at once (the asyncio intake). Each is
+        the caller's, counted open: report its end with _finished()."""
+        if self._closed:
+            raise OSError(errno.EBADF, "listener is closed")
+        fds = self._intake.take_many(self._port, limit)
+        if fds:
+            self._tracker.conn_opened(len(fds))
+        return fds
+
+    def _finished(self) -> None:
+        """One connection from _take_batch() is over."""
+        self._tracker.conn_closed()
+        self._intake.connection_closed()
+
     def accept(self) -> tuple[socket.socket, Any]:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
@@ -357,6 +373,7 @@ def listen_server(server: Any, listen: Callable[[Any, int | None], Listener],
     if isinstance(old, socket.socket):
         old.close()
     server.socket = listener
+    _heartbeat.watch_server(server)  # serve_forever() beats (hang detection)
     name = listener.getsockname()
     server.server_address = name
     if isinstance(name, tuple) and isinstance(server, http.server.HTTPServer):

@@ -209,7 +209,7 @@ class WorkerRuntime:
                 os.close(fd)
         self._ep.close()
         self.ctl.close()
-        self.intake.close()
+        self.intake.forget()
 
     # -- the channel thread --------------------------------------------------
 
@@ -555,9 +555,9 @@ class WorkerRuntime:
 
     # -- Tracker -------------------------------------------------------------
 
-    def conn_opened(self) -> None:
+    def conn_opened(self, n: int = 1) -> None:
         with self._count_lock:
-            self._open += 1
+            self._open += n
 
     def conn_closed(self) -> None:
         with self._count_lock:

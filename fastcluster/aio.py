@@ -36,7 +36,7 @@ import ssl as _ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import _role
+from . import _heartbeat, _role
 from ._listener import IntakeListener, Listener, Release, SocketListener
 
 __all__ = ["Server", "create_server", "start_server"]
@@ -69,6 +69,7 @@ async def create_server(protocol_factory: ProtocolFactory, address: Any, *,
         raise
     if rt is not None:
         rt.add_server(server)
+        _heartbeat.server_opened(loop, server)  # the loop beats while it serves
         rt.listening(listener)
     return server
 
@@ -154,6 +155,42 @@ class _BufferedProxy(_Proxy, asyncio.BufferedProtocol):
         self._inner.buffer_updated(nbytes)
 
 
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
+
+class _Conn:
+    """One dispatched connection in an asyncio worker: reports its end once,
+    whether the protocol saw connection_lost() or the set-up failed."""
+
+    __slots__ = ("done", "listener", "server", "sock")
+
+    def __init__(self, server: Server, listener: IntakeListener) -> None:
+        self.server = server
+        self.listener = listener
+        self.sock: socket.socket | None = None
+        self.done = False
+
+    def protocol(self) -> asyncio.BaseProtocol:
+        return _track(self.server._factory(), None, self.lost)
+
+    def lost(self) -> None:
+        if not self.done:
+            self.done = True
+            self.listener._finished()
+            self.server._conn_finished()
+
+    def set_up(self, task: asyncio.Task[Any]) -> None:
+        self.server._tasks.discard(task)
+        exc: BaseException | None = (
+            asyncio.CancelledError() if task.cancelled() else task.exception())
+        if exc is not None:
+            if self.sock is not None:
+                self.sock.close()
+            self.lost()
+            if not isinstance(exc, asyncio.CancelledError):
+                log.debug("fastcluster: connection setup failed: %r", exc)
+
+
 class Server:
     """What create_server()/start_server() return: asyncio.Server's interface."""
 
@@ -173,7 +210,7 @@ class Server:
         self._conns = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._serve_fut: asyncio.Future[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def _open(self, start_serving: bool, backlog: int | None) -> None:
         if isinstance(self._listener, SocketListener):
@@ -222,47 +259,39 @@ class Server:
         return self._listener._pending()
 
     def _on_ready(self) -> None:
+        # The per-connection path of a worker: one lock and one pull for the
+        # whole batch, sockets made with their family and type given (no
+        # getsockopt/getsockname to guess them; the primary accepted them
+        # non-blocking), one task each (connect_accepted_socket is a coroutine).
         listener = self._listener
         assert isinstance(listener, IntakeListener)
-        for _ in range(ACCEPT_BURST):
+        try:
+            fds = listener._take_batch(ACCEPT_BURST)
+        except OSError:
+            self._stop_reading()
+            return
+        if not fds:
+            return
+        self._conns += len(fds)
+        loop, family = self._loop, listener.family
+        for fd in fds:
+            conn = _Conn(self, listener)
             try:
-                got = listener._take_raw()
-            except OSError:
-                self._stop_reading()
-                return
-            if got is None:
-                return
-            fd, release = got
-            self._conns += 1
-            task = self._loop.create_task(self._connect(fd, release))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, fd: int, release: Release) -> None:
-        def finished() -> None:
-            release()
-            self._conns -= 1
-            self._wake_waiters()
-
-        done = Release(finished)
-        try:
-            sock = socket.socket(fileno=fd)
-        except BaseException:
-            os.close(fd)
-            done()
-            raise
-        try:
-            sock.setblocking(False)
-            await self._loop.connect_accepted_socket(
-                lambda: _track(self._factory(), None, done), sock, ssl=self._ssl,
-                ssl_handshake_timeout=self._ssl_handshake_timeout)
-        except BaseException as e:
-            sock.close()
-            done()
-            if not isinstance(e, (Exception, asyncio.CancelledError)):
+                sock = socket.socket(family, _STREAM_NONBLOCK, 0, fd)
+            except BaseException:
+                os.close(fd)
+                conn.lost()
                 raise
-            if isinstance(e, Exception):
-                log.debug("fastcluster: connection setup failed: %r", e)
+            conn.sock = sock
+            task = loop.create_task(loop.connect_accepted_socket(
+                conn.protocol, sock, ssl=self._ssl,
+                ssl_handshake_timeout=self._ssl_handshake_timeout))
+            self._tasks.add(task)
+            task.add_done_callback(conn.set_up)
+
+    def _conn_finished(self) -> None:
+        self._conns -= 1
+        self._wake_waiters()
 
     # -- asyncio.Server's interface -----------------------------------------
 
@@ -320,6 +349,7 @@ class Server:
         rt = _role.runtime
         if rt is not None:
             rt.remove_server(self)
+            _heartbeat.server_closed(self._loop, self)
         if self._serve_fut is not None and not self._serve_fut.done():
             self._serve_fut.set_result(None)
         self._wake_waiters()

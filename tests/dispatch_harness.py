@@ -138,8 +138,9 @@ def bad_worker_main(ch: _core.WorkerChannel, mode: str) -> None:
 
 class Harness:
     def __init__(self, workers: int, policy: str, window: int, hold: list[int],
-                 bad: str = "") -> None:
+                 bad: str = "", peer: bool = False) -> None:
         self.bad = bad
+        self.peer = peer  # the dispatcher holds each worker's end (no copies kept)
         self.table = _core.CounterTable(16)
         pol = _core.POLICY_LEAST if policy == "least" else _core.POLICY_RR
         self.d = _core.Dispatcher(self.table, window=window, policy=pol)
@@ -175,7 +176,7 @@ class Harness:
 
     def fork_worker(self, slot: int, hold: bool) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.d.add_worker(slot, mine.detach())
+        self.d.add_worker(slot, mine.detach(), theirs.fileno() if self.peer else None)
         self.d.subscribe(slot, self.lid)
         pid = os.fork()
         if pid == 0:
@@ -264,9 +265,11 @@ def main() -> None:
     ap.add_argument("--listeners", default="", help="more listeners: v4,v6,unix")
     ap.add_argument("--bad", choices=["garbage", "hangup"], default="",
                     help="worker 0 misbehaves on its data channel")
+    ap.add_argument("--peer", action="store_true",
+                    help="the dispatcher holds each worker's end and keeps no copies")
     a = ap.parse_args()
 
-    h = Harness(a.workers, a.policy, a.window, a.hold, a.bad)
+    h = Harness(a.workers, a.policy, a.window, a.hold, a.bad, a.peer)
     out: dict[str, Any] = {}
     target: Address = h.addr
     if a.listeners:
@@ -352,6 +355,9 @@ def main() -> None:
             h.d.run(0.02)
         out["held_at_kill"] = h.d.slot_stats(0)["held"]
         h.kill(0, signal.SIGKILL)
+        if a.peer:  # no hang-up while we hold its end: the reap tells (as in the primary)
+            os.waitpid(h.pids[0], 0)
+            h.d.remove_worker(0)
         out["client"] = h.serve_until_done(fd, 60.0)
         os.waitpid(pid, 0)
         h.pids.pop(0)

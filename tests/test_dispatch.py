@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HARNESS = Path(__file__).with_name("dispatch_harness.py")
 
 
@@ -23,9 +25,10 @@ def scenario(python_env: dict[str, str], *args: str, timeout: float = 120) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def test_rr_spreads_10000_connections_exactly(python_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["copies", "peer"])
+def test_rr_spreads_10000_connections_exactly(python_env: dict[str, str], mode: str) -> None:
     out = scenario(python_env, "spread", "--workers", "4", "--connections", "10000",
-                   "--concurrency", "8")
+                   "--concurrency", "8", *(["--peer"] if mode == "peer" else []))
     replies = out["client"]["replies"]
     assert out["client"]["failures"] == {}
     assert sorted(replies) == ["0", "1", "2", "3"]
@@ -72,9 +75,14 @@ def test_all_stopped_connections_wait_in_backlog_without_spinning(python_env: di
     assert sum(out["client"]["replies"].values()) == 60
 
 
-def test_killed_worker_in_flight_fds_are_served_elsewhere(python_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["copies", "peer"])
+def test_killed_worker_in_flight_fds_are_served_elsewhere(python_env: dict[str, str],
+                                                          mode: str) -> None:
+    """copies: the primary kept its copy of each fd; peer: it kept none and
+    reads the dead worker's queue back from its hold on the worker's end."""
     out = scenario(python_env, "kill_inflight", "--workers", "2", "--window", "16",
-                   "--connections", "100", "--concurrency", "32")
+                   "--connections", "100", "--concurrency", "32",
+                   *(["--peer"] if mode == "peer" else []))
     assert out["held_at_kill"] == 16
     assert out["client"]["failures"] == {}  # no client saw a reset
     assert out["client"]["replies"] == {"1": 100}
