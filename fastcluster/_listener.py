@@ -121,7 +121,7 @@ def wrap_connection(fd: int, family: int, release: Callable[[], None] | None) ->
         ConnSocket, Any]:
     """A ConnSocket over an accepted fd, blocking mode as socket.accept() gives."""
     try:
-        sock = ConnSocket(fileno=fd)
+        sock = ConnSocket(family, socket.SOCK_STREAM, 0, fd)  # given: no getsockopt probes
     except BaseException:
         os.close(fd)
         if release is not None:
