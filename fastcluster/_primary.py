@@ -64,6 +64,7 @@ from ._core import (
 from ._errors import ProtocolError
 from ._events import EventEmitter
 from ._handle import Worker, signal_name
+from ._health import Health
 from ._listener import Listener, NullTracker, SocketListener
 from ._protocol import Frame, encode, encode_message
 from ._registry import Registry
@@ -136,6 +137,7 @@ class Primary:
         self._backoff = Backoff()
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
+        self.health = Health(self)  # readiness, drain, /healthz and /readyz (_health)
 
     # -- settings ------------------------------------------------------------
 
@@ -290,6 +292,7 @@ class Primary:
     def run(self) -> None:
         if self._running:
             raise RuntimeError("cluster.run() is already running")
+        self.health.start()  # the `health` endpoint, if set (OSError if it cannot bind)
         self._running = True
         saved = self._install_signals()
         try:
@@ -297,6 +300,7 @@ class Primary:
         finally:
             self._restore_signals(saved)
             self._running = False
+            self.health.close()
         if self._shutdown is not None and self.registry is not None:
             self.registry.close_all()
 
@@ -391,7 +395,7 @@ class Primary:
 
     def handle_term(self) -> None:
         if self._shutdown is None:  # a repeated TERM (sent to the group, say) stays graceful
-            self.shutdown(graceful=True)
+            self.health.drain(self.shutdown)  # /readyz fails, drain_delay, then graceful
 
     def handle_quit(self) -> None:
         self.shutdown(graceful=False)
@@ -523,9 +527,9 @@ class Primary:
         if fatal or proc.bad_frames > self.MAX_BAD_FRAMES:
             log.error("fastcluster: worker %d (pid %d) broke the control protocol (%s); "
                       "killing it", w.id, w.pid, reason)
-            if not proc.dead:  # killed before it can see its channel close and exit 0
-                self._kill(proc, signal.SIGKILL)
             self._channel_closed(proc)
+            if not proc.dead:
+                self._kill(proc, signal.SIGKILL)
             return False
         log.warning("fastcluster: worker %d (pid %d) sent a bad control frame (%s); "
                     "ignored", w.id, w.pid, reason)

@@ -19,6 +19,8 @@ import pwd
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _health
+
 POLICIES = ("rr", "least", "shared", "reuseport")
 START_METHODS = ("fork", "spawn")
 POLICY_ENV = "FASTCLUSTER_POLICY"
@@ -41,6 +43,8 @@ class Settings:
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
+    health: str | None = None  # "HOST:PORT" of /healthz and /readyz (_health); None: off
+    drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
 
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -192,6 +196,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "window": _int_range(1, 65536),
     "accept_batch": _int_range(1, 4096),
     "backlog": _int_range(1, 1 << 20),
+    "health": _health.check_address,
+    "drain_delay": _health.check_delay,
 }
 
 

@@ -1,0 +1,373 @@
+"""Health and readiness for load balancers: /healthz, /readyz, drain on SIGTERM.
+
+Theory of operation. Opt-in (setting `health`, e.g. "127.0.0.1:8081"): the
+primary serves a tiny HTTP endpoint on its own address, apart from the
+workers' ports, so a balancer (HAProxy, a Kubernetes probe) can ask:
+
+  GET /healthz   200 while the primary's loop runs (it answers: it is alive)
+  GET /readyz    200 while at least one worker listens and no drain or
+                 shutdown is under way; else 503 with the reason
+
+The answers are the same facts `facts()` returns for `fastcluster status`.
+
+The endpoint lives in the primary's single-threaded loop: the listening
+socket and each health connection are non-blocking fds in the C
+dispatcher's epoll set (Primary.add_reader), so a probe costs one wake-up
+and no thread exists in a process that forks. Nothing a health client does
+can stall the loop: reads never block; a request is bounded (MAX_REQUEST
+bytes, else 431) and so is its time (CONN_TIMEOUT, then the connection is
+closed); at most MAX_CONNS health connections are kept, the oldest is
+dropped for a new one (a probe from the balancer gets through a flood of
+idle clients); the answer is under 200 bytes, written once into a fresh
+socket's send buffer, then the connection is closed (never waited on).
+This is control-plane traffic a few times a second; served connections
+never reach Python in the primary.
+
+Drain (Health.drain, called on SIGTERM): /readyz turns to 503 at once
+while workers keep serving; after `drain_delay` seconds the graceful
+shutdown starts (stop accepting, workers finish what they hold). Balancers
+that probe /readyz (or, in Kubernetes, that drop the pod from the Service
+when it starts terminating) stop sending new connections within that delay,
+so none is refused. drain_delay=0 (the default) shuts down at once.
+
+The health sockets are closed in any child forked from the primary
+(os.register_at_fork), so a worker never holds the health port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import math
+import os
+import socket
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._primary import Primary
+    from ._timers import Timer
+
+log = logging.getLogger("fastcluster")
+
+MAX_REQUEST = 2048  # bytes of request line and headers read before 431
+MAX_CONNS = 32  # open health connections; the oldest is dropped for a new one
+CONN_TIMEOUT = 2.0  # seconds a health client gets to send its request
+ACCEPT_BATCH = 16  # accepts per wake-up
+EMFILE_PAUSE = 1.0  # seconds the endpoint stops accepting when out of fds
+BACKLOG = 64
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+_open_servers: weakref.WeakSet[_Server] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for server in list(_open_servers):
+        server.forget()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+# -- settings ---------------------------------------------------------------
+
+def parse_address(text: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[IPV6]:PORT" -> (host, port); ValueError if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(text)
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(text)
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(text)  # a bare IPv6 address needs brackets
+    port = int(port_text)
+    if port > 65535 or any(c.isspace() for c in host):
+        raise ValueError(text)
+    return host, port
+
+
+def check_address(name: str, value: Any) -> str | None:
+    """The `health` setting: None (off) or "HOST:PORT"."""
+    allowed = ('None (off) or "HOST:PORT" with a port from 0 to 65535, '
+               'e.g. "127.0.0.1:8081", "0.0.0.0:8081" or "[::1]:8081"')
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
+    try:
+        parse_address(value)
+    except ValueError:
+        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}") from None
+    return value
+
+
+def check_delay(name: str, value: Any) -> float:
+    """The `drain_delay` setting: seconds >= 0."""
+    allowed = "a finite number of seconds >= 0 (0: no drain)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+# -- readiness --------------------------------------------------------------
+
+class Health:
+    """The primary's readiness state, drain, and (if configured) its endpoint."""
+
+    def __init__(self, primary: Primary) -> None:
+        self._p = primary
+        self.draining = False  # SIGTERM seen, waiting drain_delay before the shutdown
+        self._drain_end = 0.0  # time.monotonic() when the shutdown starts
+        self._drain_timer: Timer | None = None
+        self._server: _Server | None = None
+
+    def _listening(self) -> int:
+        return sum(1 for w in self._p.workers.values()
+                   if w.state == "listening" and not w.exited_after_disconnect)
+
+    def _not_ready(self) -> str | None:
+        """Why /readyz fails, or None when ready."""
+        p = self._p
+        if p._shutdown is not None:
+            return "shutting down"
+        if self.draining:
+            return "draining"
+        if p._stopping:
+            return "disconnecting"
+        if self._listening() == 0:
+            return "no worker listens"
+        return None
+
+    def ready(self) -> bool:
+        return self._not_ready() is None
+
+    def facts(self) -> dict[str, Any]:
+        """What /healthz and /readyz answer, as a dict (for `fastcluster status --json`)."""
+        reason = self._not_ready()
+        cfg = self._p.config()
+        return {
+            "alive": True,
+            "ready": reason is None,
+            "reason": reason or "ready",
+            "draining": self.draining and self._p._shutdown is None,
+            "drain_left": (max(0.0, self._drain_end - time.monotonic())
+                           if self.draining and self._p._shutdown is None else None),
+            "drain_delay": cfg.drain_delay,
+            "shutdown": self._p._shutdown,
+            "workers": len(self._p.workers),
+            "listening": self._listening(),
+            "health": None if self._server is None else self._server.address,
+        }
+
+    # -- drain ---------------------------------------------------------------
+
+    def drain(self, shutdown: Callable[[], object]) -> None:
+        """SIGTERM: fail readiness now, call shutdown() after drain_delay."""
+        if self.draining:
+            return
+        delay = self._p.config().drain_delay
+        if delay <= 0:
+            shutdown()
+            return
+        self.draining = True
+        self._drain_end = time.monotonic() + delay
+        log.info("fastcluster: draining: /readyz fails now, graceful shutdown in %.3g s", delay)
+
+        def done() -> None:
+            self._drain_timer = None
+            if self._p._shutdown is None:
+                shutdown()
+
+        self._drain_timer = self._p._timers.call_later(delay, done)
+
+    # -- endpoint ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Binds and serves the endpoint if the `health` setting names one
+        (run() calls this). Raises OSError naming the address if it cannot bind."""
+        address = self._p.config().health
+        if address is None or self._server is not None:
+            return
+        self._server = _Server(self._p, address, self._answer)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def _answer(self, method: str, path: str) -> tuple[int, str]:
+        if path not in ("/healthz", "/readyz"):
+            return 404, "not found: try /healthz or /readyz\n"
+        if method not in ("GET", "HEAD"):
+            return 405, "method not allowed: GET or HEAD\n"
+        if path == "/healthz":
+            return 200, "ok\n"
+        reason = self._not_ready()
+        if reason is None:
+            return 200, "ready\n"
+        return 503, f"not ready: {reason}\n"
+
+
+def facts(primary: Primary) -> dict[str, Any]:
+    """The health facts of this primary (for `fastcluster status --json`):
+    alive, ready, reason, draining, drain_left, drain_delay, shutdown,
+    workers, listening, health (the endpoint's bound address or None)."""
+    return primary.health.facts()
+
+
+# -- the HTTP endpoint --------------------------------------------------------
+
+class _Conn:
+    __slots__ = ("buf", "sock", "timer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.timer: Timer | None = None
+
+
+class _Server:
+    """Non-blocking HTTP/1.x on one TCP address, served from the primary's loop."""
+
+    def __init__(self, primary: Primary, address: str,
+                 answer: Callable[[str, str], tuple[int, str]]) -> None:
+        self._p = primary
+        self._answer = answer
+        self._conns: dict[int, _Conn] = {}  # by fd, oldest first
+        self._paused: Timer | None = None
+        host, port = parse_address(address)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, _type, _proto, _name, sockaddr = infos[0]
+        except socket.gaierror as e:
+            raise OSError(errno.EINVAL, f"health endpoint {address!r}: {e}") from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"health endpoint {address!r}: {e.strerror}") from None
+        self._sock = sock
+        name = sock.getsockname()
+        self.address = (f"[{name[0]}]:{name[1]}" if family == socket.AF_INET6
+                        else f"{name[0]}:{name[1]}")
+        primary.add_reader(sock.fileno(), self._on_accept)
+        _open_servers.add(self)
+
+    def _on_accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(e)  # level-triggered: retrying now would spin
+                return  # ECONNABORTED and the like: the next wake-up tries again
+            conn.setblocking(False)
+            if len(self._conns) >= MAX_CONNS:
+                self._drop(next(iter(self._conns.values())))
+            c = _Conn(conn)
+            self._conns[conn.fileno()] = c
+            c.timer = self._p._timers.call_later(CONN_TIMEOUT, functools.partial(self._drop, c))
+            self._p.add_reader(conn.fileno(), functools.partial(self._on_readable, c))
+
+    def _pause(self, err: OSError) -> None:
+        if self._paused is not None:
+            return
+        log.warning("fastcluster: health endpoint cannot accept (%s); pausing %.1f s",
+                    err.strerror, EMFILE_PAUSE)
+        fd = self._sock.fileno()
+        self._p.remove_reader(fd)
+
+        def resume() -> None:
+            self._paused = None
+            if self._sock.fileno() >= 0:
+                self._p.add_reader(fd, self._on_accept)
+
+        self._paused = self._p._timers.call_later(EMFILE_PAUSE, resume)
+
+    def _on_readable(self, c: _Conn) -> None:
+        try:
+            chunk = c.sock.recv(MAX_REQUEST + 1 - len(c.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(c)
+            return
+        if not chunk:
+            self._drop(c)
+            return
+        c.buf += chunk
+        head_end = c.buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            head_end = c.buf.find(b"\n\n")
+        if head_end < 0:
+            if len(c.buf) > MAX_REQUEST:
+                self._reply(c, "GET", 431, "request too large\n")
+            return
+        self._respond(c, c.buf[:head_end])
+
+    def _respond(self, c: _Conn, head: bytes) -> None:
+        line = head.split(b"\n", 1)[0].rstrip(b"\r")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self._reply(c, "GET", 400, "bad request\n")
+            return
+        method = parts[0].decode("latin-1")
+        path = parts[1].split(b"?", 1)[0].decode("latin-1")
+        status, body = self._answer(method, path)
+        self._reply(c, method, status, body)
+
+    def _reply(self, c: _Conn, method: str, status: int, body: str) -> None:
+        payload = body.encode()
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(payload)}\r\n"
+                f"Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode()
+        with contextlib.suppress(OSError):  # a short write cannot happen this small
+            c.sock.send(head if method == "HEAD" else head + payload)
+        self._drop(c)
+
+    def _drop(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if self._conns.pop(fd, None) is None:
+            return
+        if c.timer is not None:
+            c.timer.cancel()
+        self._p.remove_reader(fd)
+        c.sock.close()
+
+    def close(self) -> None:
+        for c in list(self._conns.values()):
+            self._drop(c)
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        if self._sock.fileno() >= 0:
+            self._p.remove_reader(self._sock.fileno())
+            self._sock.close()
+        _open_servers.discard(self)
+
+    def forget(self) -> None:
+        """In a forked child: close our copies only (the epoll set is the parent's)."""
+        for c in self._conns.values():
+            c.sock.close()
+        self._conns.clear()
+        self._sock.close()
+        _open_servers.discard(self)
