@@ -527,9 +527,9 @@ class Primary:
         if fatal or proc.bad_frames > self.MAX_BAD_FRAMES:
             log.error("fastcluster: worker %d (pid %d) broke the control protocol (%s); "
                       "killing it", w.id, w.pid, reason)
-            self._channel_closed(proc)
-            if not proc.dead:
+            if not proc.dead:  # killed before it can see its channel close and exit 0
                 self._kill(proc, signal.SIGKILL)
+            self._channel_closed(proc)
             return False
         log.warning("fastcluster: worker %d (pid %d) sent a bad control frame (%s); "
                     "ignored", w.id, w.pid, reason)
