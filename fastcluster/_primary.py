@@ -65,6 +65,7 @@ from ._errors import ProtocolError
 from ._events import EventEmitter
 from ._handle import Worker, signal_name
 from ._health import Health
+from ._heartbeat import Watchdog
 from ._listener import Listener, NullTracker, SocketListener
 from ._protocol import Frame, encode, encode_message
 from ._registry import Registry
@@ -135,6 +136,7 @@ class Primary:
         self._disconnect_cbs: list[Callable[[], object]] = []
         self._respawns_pending = 0
         self._backoff = Backoff()
+        self._watchdog = Watchdog(self)  # hang detection (setting `timeout`)
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
         self.health = Health(self)  # readiness, drain, /healthz and /readyz (_health)
@@ -206,6 +208,7 @@ class Primary:
                 s.close()
             raise
         data_p.detach()  # the dispatcher's now
+        self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
         worker = Worker(self._next_id, self)
         self._next_id += 1
         proc = _Proc(worker, slot, extra)

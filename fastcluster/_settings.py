@@ -40,6 +40,7 @@ class Settings:
     gid: int | None = None
     respawn: bool = False  # replace workers that exit without being asked
     graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
+    timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see _heartbeat
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
@@ -169,6 +170,17 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _hang_timeout(name: str, value: Any) -> float | None:
+    allowed = "None or 0 (off), or a number of seconds from 0.5 to 86400"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, allowed)
+    if value != 0 and not 0.5 <= value <= 86400:  # also rejects nan
+        raise _bad(name, value, allowed, ValueError)
+    return float(value)
+
+
 def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if not _is_int(value):
@@ -193,6 +205,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "gid": _user,
     "respawn": _bool,
     "graceful_timeout": _positive_float,
+    "timeout": _hang_timeout,
     "window": _int_range(1, 65536),
     "accept_batch": _int_range(1, 4096),
     "backlog": _int_range(1, 1 << 20),

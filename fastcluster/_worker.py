@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Any
 
-from . import _address
+from . import _address, _heartbeat
 from ._channel import ControlSocket
 from ._errors import ProtocolError
 from ._handle import Worker
@@ -176,8 +176,7 @@ class WorkerRuntime:
             return
         self._in_serve = True
         try:
-            while not self._finished.wait(0.5):
-                pass
+            _heartbeat.wait_serving(self._finished)  # beats: hang detection
         finally:
             self._in_serve = False
 
