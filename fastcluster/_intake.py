@@ -35,6 +35,7 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from ._core import WorkerChannel
@@ -97,6 +98,7 @@ class Intake:
         self.ports: dict[int, Port] = {}
         self.stopped = channel is None
         self._routed = False
+        self.on_failure: Callable[[], None] | None = None  # the channel failed (runtime)
 
     def _arrange(self) -> None:
         """Direct mode for one port, routed mode for more (see above)."""
@@ -154,9 +156,14 @@ class Intake:
             try:
                 batch = channel.recv()
             except (OSError, ValueError) as e:
-                log.error("fastcluster: worker data channel failed (%s); taking no more "
-                          "connections", e)
+                hint = ""
+                if isinstance(e, OSError) and e.errno == errno.EMSGSIZE:
+                    hint = " (the fds of a batch did not fit: out of fds? RLIMIT_NOFILE)"
+                log.error("fastcluster: worker data channel failed (%s%s); taking no more "
+                          "connections", e, hint)
                 self._close_channel()
+                if self.on_failure is not None:
+                    self.on_failure()
                 break
             if batch is None:
                 self._close_channel()

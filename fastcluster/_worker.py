@@ -147,6 +147,7 @@ class WorkerRuntime:
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._data_fd: int | None = None
         intake.router = self
+        intake.on_failure = lambda: self.post("intake failed")
 
     # -- life cycle (called by _boot) -----------------------------------------
 
@@ -264,6 +265,13 @@ class WorkerRuntime:
                 self._finish(kick=False)
         elif word == "kill":
             self._finish(kick=True)
+        elif word == "intake failed":
+            # Out of fds, say: no more connections can reach this worker. It
+            # finishes those it has and exits unasked (no "disconnecting"), so
+            # a primary with `respawn` replaces it.
+            log.error("fastcluster: worker %d exits once its open connections finish",
+                      self.worker.id)
+            self._begin_disconnect(by_primary=True)
         elif word == "early":
             self._deliver(self._replay_early)
         # "check": the drain check follows in the loop

@@ -1,0 +1,154 @@
+"""Resource exhaustion (issue E): RLIMIT_NOFILE lowered in the primary and
+in a worker, through the public API. Service degrades (connections shed or
+served elsewhere), never spins (CPU time from /proc over a quiet window),
+and recovers; nothing crashes.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from _faults import HTTP_SERVER, cpu_seconds, request
+from _helpers import env, free_port, running, script  # noqa: F401
+
+PRIMARY_LOW = HTTP_SERVER + """
+import resource, signal
+
+if cluster.is_primary:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def tighten(*args):
+        # no room at all: the lowest free fd number becomes the limit
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+        os.write(1, b"tight\\n")
+
+    def relax(*args):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.write(1, b"relaxed\\n")
+
+    signal.signal(signal.SIGUSR1, tighten)
+    signal.signal(signal.SIGUSR2, relax)
+    cluster.on("message", lambda w, m: print(m, w.pid, flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+else:
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_primary_out_of_fds_sheds_backs_off_and_recovers(tmp_path: Path,
+                                                          env: dict[str, str]) -> None:
+    path = script(tmp_path, PRIMARY_LOW)
+    port = free_port()
+    results: list[tuple[bool, str]] = []
+
+    def one() -> None:
+        results.append(request(port, timeout=20))
+
+    with running(path, dict(env, PORT=str(port))) as r:
+        r.wait_for("serving", 2)
+        assert request(port)[0]
+        r.signal(signal.SIGUSR1)
+        r.wait_for("tight")
+        burst = [threading.Thread(target=one) for _ in range(50)]
+        for t in burst:
+            t.start()
+        time.sleep(0.3)
+        cpu0 = cpu_seconds(r.pid)
+        time.sleep(1.0)
+        exhausted_cpu = cpu_seconds(r.pid) - cpu0
+        shed_while_tight = len(results)
+        r.signal(signal.SIGUSR2)
+        r.wait_for("relaxed")
+        for t in burst:
+            t.join(30)
+        after = [request(port) for _ in range(50)]
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    served = sum(ok for ok, _ in results)
+    shed = [why for ok, why in results if not ok]
+    # every connection was served or shed (closed at once: an answer, not a hang)
+    assert len(results) == 50
+    assert set(shed) <= {"empty", "ConnectionResetError"}, shed
+    assert 1 <= len(shed) <= 20 and shed_while_tight == len(shed), (served, shed)
+    assert exhausted_cpu < 0.05, exhausted_cpu  # backs off, never spins
+    assert all(ok for ok, _ in after), after
+    assert sorted(ln.split()[2:] for ln in out if ln.startswith("exit ")) == [["0", "None"]] * 2
+    print(f"primary EMFILE: 50 connections while out of fds, {len(shed)} shed, "
+          f"{served} served once fds were back; 50 after, "
+          f"{sum(not ok for ok, _ in after)} failed; primary CPU while exhausted "
+          f"{exhausted_cpu:.3f} s over 1 s")
+
+
+WORKER_LOW = HTTP_SERVER + """
+import resource
+
+if cluster.is_primary:
+    cluster.setup_primary(respawn=True)
+    cluster.on("message", lambda w, m: print(m, w.pid, os.environ.get("ROLE"), flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
+    cluster.fork({"ROLE": "low"})
+    cluster.fork({"ROLE": "normal"})
+    cluster.run()
+else:
+    if os.environ["ROLE"] == "low":
+        used = len(os.listdir("/proc/self/fd"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 24, hard))
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_worker_out_of_fds_hands_on_its_connections_and_is_replaced(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, WORKER_LOW.replace('os.environ.get("ROLE")', 'w.id'))
+    port = free_port()
+    idle: list[socket.socket] = []
+    try:
+        with running(path, dict(env, PORT=str(port))) as r:
+            first = {int(ln.split()[2]): int(ln.split()[1]) for ln in r.wait_for("serving", 2)}
+            low_pid, normal_pid = first[1], first[2]
+            # connections that never send: the low worker's threads hold them
+            # until it runs out of fds; what it cannot take goes to the other
+            for _ in range(80):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)
+            try:
+                cpu0 = cpu_seconds(r.pid), cpu_seconds(low_pid)
+                time.sleep(1.0)
+                quiet_cpu = cpu_seconds(r.pid) - cpu0[0], cpu_seconds(low_pid) - cpu0[1]
+            except FileNotFoundError:
+                r.readline(1.0)
+                raise AssertionError("a process died:\n" + "\n".join(r.seen)) from None
+            degraded = [request(port) for _ in range(100)]
+            for s in idle:
+                s.close()
+            idle.clear()
+            # recovery: the low worker finishes what it holds, exits, is replaced
+            r.wait_for(f"exit {low_pid} ", timeout=15)
+            r.wait_for("serving", 3, timeout=15)
+            pids_after = {request(port)[1] for _ in range(20)}
+            r.signal(signal.SIGTERM)
+            code, out = r.finish(timeout=15)
+    finally:
+        for s in idle:
+            s.close()
+    assert code == 0, out
+    assert all(ok for ok, _ in degraded), degraded
+    assert {pid for _, pid in degraded} == {str(normal_pid)}
+    assert quiet_cpu[0] < 0.05 and quiet_cpu[1] < 0.05, quiet_cpu
+    assert len(pids_after) == 2 and str(normal_pid) in pids_after
+    assert str(low_pid) not in pids_after
+    assert "taking no more connections" in "\n".join(out)
+    print(f"worker EMFILE: 80 idle connections, 100 requests while degraded, "
+          f"{sum(not ok for ok, _ in degraded)} failed; CPU over 1 s: primary "
+          f"{quiet_cpu[0]:.3f} s, exhausted worker {quiet_cpu[1]:.3f} s")
