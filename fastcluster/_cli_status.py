@@ -1,0 +1,112 @@
+"""`fastcluster status`: ask a primary's status socket, print a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ._status import find_sockets, query
+
+SOCKET_ENV = "FASTCLUSTER_STATUS_SOCKET"
+COLUMNS = (("ID", "id", 4), ("PID", "pid", 8), ("STATE", "state", 10), ("UPTIME", "uptime", 8),
+           ("DISPATCHED", "dispatched", 11), ("OPEN", "open", 6), ("REQUESTS", "requests", 10),
+           ("RESTARTS", "restarts", 9), ("RSS", "rss", 8))
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "uptime":
+        return _duration(float(value))
+    if key == "rss":
+        return _size(int(value))
+    return str(value)
+
+
+def render(doc: dict[str, Any]) -> str:
+    p = doc["primary"]
+    addrs = " ".join(f"unix:{a}" if isinstance(a, str) else f"{a[0]}:{a[1]}"
+                     for a in p.get("addresses", [])) or p.get("bind", "-")
+    core = p.get("dispatcher") or {}
+    head = [
+        f"primary {p['pid']}  up {_duration(p['uptime'])}  {p.get('app', '?')} "
+        f"({str(p.get('interface', '?')).upper()})  on {addrs}  policy {p['policy']}"
+        + ("  STOPPING" if p.get("stopping") else ""),
+        f"workers {p['workers']}/{p.get('workers_wanted', '?')}  restarts {p['restarts']}  "
+        f"accepted {core.get('accepted', '-')}  rss {_size(p.get('rss'))}",
+        "",
+        "  ".join(f"{title:>{width}}" if i != 2 else f"{title:<{width}}"
+                  for i, (title, _k, width) in enumerate(COLUMNS)),
+    ]
+    for w in doc["workers"]:
+        head.append("  ".join(f"{_cell(key, w.get(key)):>{width}}" if i != 2
+                              else f"{_cell(key, w.get(key)):<{width}}"
+                              for i, (_t, key, width) in enumerate(COLUMNS)))
+    return "\n".join(head)
+
+
+def pick_socket(given: str | None) -> str:
+    """--socket, else $FASTCLUSTER_STATUS_SOCKET, else the one live primary found."""
+    path = given or os.environ.get(SOCKET_ENV)
+    if path:
+        return path
+    found = find_sockets()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise LookupError("no running fastcluster primary found (looked for "
+                          "fastcluster-<pid>.sock in $XDG_RUNTIME_DIR and /tmp); "
+                          "give --socket PATH")
+    raise LookupError("several fastcluster primaries are running; give --socket with one of: "
+                      + ", ".join(found))
+
+
+def main(socket_path: str | None, as_json: bool, watch: bool, interval: float,
+         iterations: int | None) -> int:
+    try:
+        path = pick_socket(socket_path)
+    except LookupError as e:
+        print(f"fastcluster status: {e}", file=sys.stderr)
+        return 1
+    n = 0
+    while True:
+        try:
+            doc = query(path)
+        except (OSError, ValueError) as e:
+            print(f"fastcluster status: cannot read {path}: {e}", file=sys.stderr)
+            return 1
+        out = json.dumps(doc, indent=None if watch else 2) if as_json else render(doc)
+        if watch and not as_json and sys.stdout.isatty():
+            sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: like top
+        print(out, flush=True)
+        n += 1
+        if not watch or (iterations is not None and n >= iterations):
+            return 0
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return 0

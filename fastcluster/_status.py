@@ -1,0 +1,423 @@
+"""The cluster's state for `fastcluster status` and Prometheus, served by the primary.
+
+Theory of operation: the primary's loop is the C dispatcher's; these servers
+are two more fds in its epoll set (Primary.add_reader), so they need no
+thread (the primary forks) and cost nothing until asked. Nothing is counted
+in Python per connection: the workers' counters (connections taken and
+closed, requests) live in shared memory and the dispatcher counts what it
+sent each worker; a snapshot reads them when a client asks.
+
+  StatusServer   a Unix socket, mode 0600 (only the primary's user may
+                 read it), whose clients get the snapshot as one JSON
+                 document and EOF: no request to parse, so nothing a client
+                 sends can stall the primary. Removed at exit.
+  MetricsServer  opt-in HTTP on TCP: GET /metrics answers the snapshot in
+                 Prometheus' text format. Requests are read non-blocking,
+                 one small buffer per client, at most MAX_CLIENTS pending,
+                 each for at most CLIENT_TIMEOUT seconds.
+
+Per-worker `restarts`: a worker forked to replace one that exited (a
+respawn, a recycled or rolled worker) inherits that worker's count plus
+one. Workers forked while none had exited are matched to the next exit (a
+rolling restart forks the new worker before the old one leaves).
+
+Sockets are closed in any child forked from the primary (os.register_at_fork),
+so workers never hold them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import json
+import os
+import socket
+import stat
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import fastcluster as cluster
+
+from . import _role
+
+RECV_MAX = 8192  # bytes of an HTTP request we read before answering
+MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive
+CLIENT_TIMEOUT = 5.0  # seconds a metrics client gets to send its request
+SNDBUF = 1 << 20  # a status answer is written at once: room for 256 workers
+
+_open_servers: weakref.WeakSet[_Server] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for server in list(_open_servers):
+        server.close(unlink=False)
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def default_socket_path(pid: int | None = None) -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    if not os.path.isdir(base):
+        base = "/tmp"
+    return os.path.join(base, f"fastcluster-{os.getpid() if pid is None else pid}.sock")
+
+
+def worker_request_counter() -> Callable[[int], None]:
+    """In a worker: adds to its `requests` counter in shared memory (else a no-op)."""
+    rt = _role.runtime
+    channel = None if rt is None else rt.intake.channel
+    if channel is None:
+        return lambda n: None
+    return channel.request_done  # valid after the channel's fd is closed too
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Snapshot:
+    """Collects the state; `info` is static facts about the primary (app, bind...)."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self.started = time.monotonic()
+        self.addresses: list[Any] = []
+        self.restarts_total = 0
+        self._restarts: dict[int, int] = {}  # worker id -> restarts
+        self._leavers: collections.deque[int] = collections.deque()  # exits not yet replaced
+        self._newcomers: collections.deque[int] = collections.deque()  # forks not matched
+        self._initial = 0  # workers still to fork before anything is a replacement
+        cluster.on("fork", self._on_fork)
+        cluster.on("exit", self._on_exit)
+        cluster.on("listening", self._on_listening)
+
+    def expect_initial(self, n: int) -> None:
+        self._initial = n
+
+    def _on_fork(self, w: Any) -> None:
+        if self._initial > 0:
+            self._initial -= 1
+            self._restarts[w.id] = 0
+        elif self._leavers:
+            self._restarts[w.id] = self._restarts.pop(self._leavers.popleft(), 0) + 1
+            self.restarts_total += 1
+        else:
+            self._restarts[w.id] = 0
+            self._newcomers.append(w.id)
+
+    def _on_exit(self, w: Any, code: Any, signame: Any) -> None:
+        while self._newcomers and self._newcomers[0] not in cluster.workers:
+            self._newcomers.popleft()
+        if self._newcomers:
+            new = self._newcomers.popleft()
+            self._restarts[new] = self._restarts.get(w.id, 0) + 1
+            self.restarts_total += 1
+        else:
+            self._leavers.append(w.id)
+            while len(self._leavers) > 256:
+                self._restarts.pop(self._leavers.popleft(), None)
+        if w.id not in self._leavers:
+            self._restarts.pop(w.id, None)
+
+    def _on_listening(self, w: Any, address: Any) -> None:
+        wire = list(address) if isinstance(address, tuple) else address
+        if wire not in self.addresses:
+            self.addresses.append(wire)
+
+    def collect(self) -> dict[str, Any]:
+        primary = _role.primary()
+        policy = cluster.settings.get("policy", "rr")
+        dispatched = policy in ("rr", "least")
+        workers = []
+        for s in sorted(primary.worker_stats(), key=lambda d: int(d["id"])):
+            taken, closed = s.get("taken"), s.get("closed")
+            workers.append({
+                "id": s["id"], "pid": s["pid"],
+                "state": "exiting" if s["exiting"] and s["state"] != "dead" else s["state"],
+                "uptime": round(float(s["uptime"]), 3),
+                "dispatched": s.get("dispatched") if dispatched else None,
+                "open": (taken - closed) if dispatched and taken is not None
+                and closed is not None else None,
+                "requests": s.get("requests"),
+                "restarts": self._restarts.get(int(s["id"]), 0),
+                "rss": rss_bytes(int(s["pid"])),
+            })
+        core = primary.dispatcher.stats() if primary.dispatcher is not None else {}
+        return {
+            "version": 1,
+            "primary": {
+                **self.info,
+                "pid": os.getpid(),
+                "uptime": round(time.monotonic() - self.started, 3),
+                "policy": policy,
+                "addresses": self.addresses,
+                "stopping": bool(primary._stopping),
+                "workers": len(workers),
+                "restarts": self.restarts_total,
+                "rss": rss_bytes(os.getpid()),
+                "dispatcher": core,
+            },
+            "workers": workers,
+        }
+
+
+# -- servers on the primary's loop ----------------------------------------------
+
+class _Server:
+    def __init__(self, sock: socket.socket, snapshot: Snapshot) -> None:
+        self.sock = sock
+        self.snapshot = snapshot
+        self.closed = False
+        _open_servers.add(self)
+        _role.primary().add_reader(sock.fileno(), self._on_ready)
+
+    def _on_ready(self) -> None:
+        for _ in range(MAX_CLIENTS):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: not the primary's death
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return
+                raise
+            self.on_client(conn)
+
+    def on_client(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self, unlink: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _open_servers.discard(self)
+        if unlink:
+            with contextlib.suppress(Exception):
+                _role.primary().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class StatusServer(_Server):
+    def __init__(self, path: str, snapshot: Snapshot) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        sock = _unix_listener(path)
+        super().__init__(sock, snapshot)
+
+    def on_client(self, conn: socket.socket) -> None:
+        with conn:
+            data = json.dumps(self.snapshot.collect()).encode() + b"\n"
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.send(data)  # a client that does not read loses the rest
+
+    def close(self, unlink: bool = True) -> None:
+        was_open = not self.closed
+        super().close(unlink)
+        if was_open and unlink and os.getpid() == self.pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """Binds a 0600 Unix socket at path; a stale socket file is replaced,
+    a live one (another primary) is an error."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody serves it
+            else:
+                raise FileExistsError(errno.EADDRINUSE,
+                                      "another fastcluster primary serves it", path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+class MetricsServer(_Server):
+    def __init__(self, address: tuple[str, int], snapshot: Snapshot) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        self._clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        super().__init__(sock, snapshot)
+
+    def getsockname(self) -> Any:
+        return self.sock.getsockname()
+
+    def on_client(self, conn: socket.socket) -> None:
+        self._expire()
+        if len(self._clients) >= MAX_CLIENTS:
+            conn.close()
+            return
+        conn.setblocking(False)
+        fd = conn.fileno()
+        self._clients[fd] = (conn, bytearray(), time.monotonic() + CLIENT_TIMEOUT)
+        _role.primary().add_reader(fd, lambda: self._on_request(fd))
+
+    def _on_request(self, fd: int) -> None:
+        entry = self._clients.get(fd)
+        if entry is None:
+            return
+        conn, buf, _deadline = entry
+        try:
+            chunk = conn.recv(RECV_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        buf += chunk
+        if chunk and b"\r\n\r\n" not in buf and len(buf) < RECV_MAX:
+            return
+        if chunk:
+            self._answer(conn, bytes(buf))
+        self._drop(fd)
+
+    def _answer(self, conn: socket.socket, request: bytes) -> None:
+        line = request.split(b"\r\n", 1)[0].split()
+        path = line[1].split(b"?", 1)[0] if len(line) >= 2 else b""
+        if len(line) >= 2 and line[0] in (b"GET", b"HEAD") and path == b"/metrics":
+            status = b"200 OK"
+            body = prometheus_text(self.snapshot.collect()).encode()
+        else:
+            status, body = b"404 Not Found", b"not found: GET /metrics\n"
+        head = (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4; "
+                b"charset=utf-8\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        with contextlib.suppress(OSError):
+            conn.send(head + (b"" if line[:1] == [b"HEAD"] else body))
+
+    def _drop(self, fd: int) -> None:
+        entry = self._clients.pop(fd, None)
+        if entry is not None:
+            with contextlib.suppress(Exception):
+                _role.primary().remove_reader(fd)
+            entry[0].close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for fd, (_c, _b, deadline) in list(self._clients.items()):
+            if now > deadline:
+                self._drop(fd)
+
+    def close(self, unlink: bool = True) -> None:
+        for fd in list(self._clients):
+            if unlink:
+                self._drop(fd)
+            else:
+                self._clients.pop(fd)[0].close()
+        super().close(unlink)
+
+
+# -- the client side and formats -----------------------------------------------
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The snapshot a primary serves at path. Raises OSError or ValueError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    doc = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict) or "workers" not in doc:
+        raise ValueError(f"{path}: not a fastcluster status answer")
+    return doc
+
+
+def find_sockets() -> list[str]:
+    """Status sockets of live primaries in the default places."""
+    found = []
+    for base in dict.fromkeys(filter(None, (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"))):
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(base)):
+                pid = name[len("fastcluster-"):-len(".sock")]
+                if (name.startswith("fastcluster-") and name.endswith(".sock")
+                        and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                    found.append(os.path.join(base, name))
+    return found
+
+
+def _metric(lines: list[str], name: str, kind: str, help: str,
+            samples: list[tuple[str, Any]]) -> None:
+    lines.append(f"# HELP {name} {help}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        if value is not None:
+            lines.append(f"{name}{labels} {value}")
+
+
+def prometheus_text(doc: dict[str, Any]) -> str:
+    """The snapshot in Prometheus' text exposition format (0.0.4)."""
+    p = doc["primary"]
+    ws = doc["workers"]
+    lines: list[str] = []
+
+    def per_worker(key: str) -> list[tuple[str, Any]]:
+        return [(f'{{worker="{w["id"]}",pid="{w["pid"]}"}}', w[key]) for w in ws]
+
+    _metric(lines, "fastcluster_workers", "gauge", "Live worker processes.",
+            [("", len(ws))])
+    _metric(lines, "fastcluster_restarts_total", "counter",
+            "Workers forked to replace one that exited.", [("", p["restarts"])])
+    _metric(lines, "fastcluster_primary_uptime_seconds", "gauge", "Seconds since start.",
+            [("", p["uptime"])])
+    _metric(lines, "fastcluster_primary_rss_bytes", "gauge", "Resident memory of the "
+            "primary.", [("", p["rss"])])
+    core = p.get("dispatcher") or {}
+    for key, help in (("accepted", "Connections accepted by the primary's dispatcher."),
+                      ("redispatched", "Connections given to another worker after theirs "
+                       "died before taking them."),
+                      ("shed", "Connections closed by the dispatcher under EMFILE."),
+                      ("emfile", "Times the dispatcher ran out of file descriptors.")):
+        if key in core:
+            _metric(lines, f"fastcluster_dispatcher_{key}_total", "counter", help,
+                    [("", core[key])])
+    _metric(lines, "fastcluster_worker_connections_dispatched_total", "counter",
+            "Connections the primary sent to the worker (rr/least).",
+            per_worker("dispatched"))
+    _metric(lines, "fastcluster_worker_connections_open", "gauge",
+            "Connections the worker holds open now (rr/least).", per_worker("open"))
+    _metric(lines, "fastcluster_worker_requests_total", "counter",
+            "Requests the worker served.", per_worker("requests"))
+    _metric(lines, "fastcluster_worker_restarts", "gauge",
+            "Workers that held this worker's place before it.", per_worker("restarts"))
+    _metric(lines, "fastcluster_worker_uptime_seconds", "gauge",
+            "Seconds since the worker was forked.", per_worker("uptime"))
+    _metric(lines, "fastcluster_worker_rss_bytes", "gauge", "Resident memory of the worker.",
+            per_worker("rss"))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,209 @@
+"""Serving an ASGI app in a worker with uvicorn's HTTP protocol classes.
+
+    # in a worker (what `fastcluster run module:app` does)
+    fastcluster.asgi.serve(app, ("127.0.0.1", 8000))
+
+Theory of operation: uvicorn's HTTP protocols (HttpToolsProtocol when
+httptools is installed, else H11Protocol) are asyncio Protocols built from a
+uvicorn Config, a ServerState shared by the worker's connections and the
+lifespan state. fastcluster.aio.create_server() takes the worker's
+connections (fds dispatched by the primary under rr/least, or a real
+listening socket under shared/reuseport) and hands each to
+loop.connect_accepted_socket() with a factory building one of those
+protocols; uvicorn's own Server (which binds and runs its own signal and
+shutdown logic) is not used. What uvicorn's Server does besides, done here:
+the lifespan startup (before the worker listens: a failed startup exits
+with BOOT_ERROR and the primary never sends it a connection) and shutdown
+(after its last connection), the Date/Server default headers refreshed
+once a second, and on a graceful disconnect (a rolling restart, SIGTERM)
+closing idle keep-alive connections and letting busy ones finish their
+response without keep-alive (uvicorn's connection.shutdown()), again every
+DRAIN_TICK for connections the worker still had queued. Requests are
+counted in the worker's shared-memory slot (what `fastcluster status`
+shows) by a thin wrapper around the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+from . import _role, aio
+from ._status import worker_request_counter
+
+__all__ = ["MissingDependency", "require_uvicorn", "serve"]
+
+log = logging.getLogger("fastcluster")
+
+INSTALL_HINT = "pip install 'fastcluster-server[asgi]'"
+BOOT_ERROR = 3  # exit status of a worker that could not start serving
+DRAIN_TICK = 0.1  # seconds between passes over the connections while draining
+HEADER_TICK = 1.0  # seconds between refreshes of the Date header
+
+
+class MissingDependency(ImportError):
+    """uvicorn (or a chosen part of it) is not installed; says what to install."""
+
+
+def require_uvicorn(http: str = "auto", loop: str = "auto") -> None:
+    """Raises MissingDependency naming what to install if ASGI cannot be served."""
+    try:
+        import uvicorn  # noqa: F401
+        from uvicorn.lifespan.on import LifespanOn  # noqa: F401
+    except ImportError as e:
+        raise MissingDependency(f"serving an ASGI app needs uvicorn ({e}); install it with: "
+                                f"{INSTALL_HINT}") from None
+    if http == "auto" and not (_installed("httptools") or _installed("h11")):
+        raise MissingDependency(f"uvicorn needs httptools or h11 to speak HTTP; install "
+                                f"them with: {INSTALL_HINT}")
+    for flag, name in (("http", http), ("loop", loop)):
+        if name in ("httptools", "h11", "uvloop") and not _installed(name):
+            raise MissingDependency(f"--{flag} {name}: {name} is not installed; install it "
+                                    f"with: pip install {name}")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if loop in ("auto", "uvloop"):
+        try:
+            uvloop = importlib.import_module("uvloop")  # optional: not for the type checker
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    return asyncio.new_event_loop
+
+
+def counted(app: Any) -> Any:
+    """The ASGI app, counting each finished HTTP request in the worker's slot."""
+    done = worker_request_counter()
+
+    async def counting_app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                done(1)
+
+    return counting_app
+
+
+def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
+          lifespan: str = "auto", access_log: bool = False, timeout_keep_alive: int = 5,
+          backlog: int | None = None, **uvicorn_options: Any) -> int:
+    """Serves app on a cluster address until the worker is disconnected (or
+    SIGTERM); returns 0, or BOOT_ERROR if the lifespan startup failed or
+    the address could not be listened on. uvicorn_options go to uvicorn.Config."""
+    require_uvicorn(http, loop)
+    ev_loop = _loop_factory(loop)()
+    asyncio.set_event_loop(ev_loop)
+    try:
+        return ev_loop.run_until_complete(_serve(
+            app, address, http=http, lifespan=lifespan, access_log=access_log,
+            timeout_keep_alive=timeout_keep_alive, backlog=backlog, options=uvicorn_options))
+    finally:
+        with contextlib.suppress(Exception):
+            ev_loop.run_until_complete(ev_loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        ev_loop.close()
+
+
+async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log: bool,
+                 timeout_keep_alive: int, backlog: int | None, options: dict[str, Any]) -> int:
+    import uvicorn
+    from uvicorn.lifespan.off import LifespanOff
+    from uvicorn.lifespan.on import LifespanOn
+    from uvicorn.server import ServerState
+
+    config = uvicorn.Config(app, http=http, lifespan=lifespan, access_log=access_log,  # type: ignore[arg-type]
+                            timeout_keep_alive=timeout_keep_alive, log_config=None,
+                            **options)
+    config.load()
+    life: Any = LifespanOff(config) if lifespan == "off" else LifespanOn(config)
+    await life.startup()
+    if life.should_exit:
+        log.error("fastcluster: worker pid %s: the app's lifespan startup failed",
+                  os.getpid())
+        return BOOT_ERROR
+    config.loaded_app = counted(config.loaded_app)
+    state = ServerState()
+    protocol_class: Any = config.http_protocol_class
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.BaseProtocol:
+        return protocol_class(config=config, server_state=state,  # type: ignore[no-any-return]
+                              app_state=life.state, _loop=loop)
+
+    headers = loop.create_task(_refresh_headers(config, state))
+    try:
+        server = await aio.create_server(factory, address, backlog=backlog)
+    except OSError as e:
+        headers.cancel()
+        log.error("fastcluster: worker pid %s cannot listen on %r: %s", os.getpid(), address, e)
+        await life.shutdown()
+        return BOOT_ERROR
+    drain = _Drain(loop, state)
+    rt = _role.runtime
+    if rt is not None:
+        rt.add_server(drain)
+    try:
+        await server.serve_forever()
+    finally:
+        headers.cancel()
+        drain.stop()
+        if rt is not None:
+            rt.remove_server(drain)
+    while state.tasks:  # background tasks the app started with its responses
+        await asyncio.sleep(DRAIN_TICK)
+    await life.shutdown()
+    return 0
+
+
+async def _refresh_headers(config: Any, state: Any) -> None:
+    """uvicorn's Server.on_tick: default headers with a Date once a second."""
+    while True:
+        date = [(b"date", formatdate(usegmt=True).encode())] if config.date_header else []
+        state.default_headers = date + config.encoded_headers
+        await asyncio.sleep(HEADER_TICK)
+
+
+class _Drain:
+    """Sits beside the aio server in the worker runtime: a graceful
+    disconnect calls _stop_intake() (on the loop), then _finish()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: Any) -> None:
+        self._loop = loop
+        self._state = state
+        self._task: asyncio.Task[None] | None = None
+
+    def _stop_intake(self) -> None:
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for conn in list(self._state.connections):
+                # a connection that has had no request yet may be a queued one
+                # whose request is on its way: it is served first
+                if getattr(conn, "cycle", None) is not None:
+                    conn.shutdown()
+            await asyncio.sleep(DRAIN_TICK)
+
+    def _finish(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
