@@ -1,0 +1,375 @@
+"""Two fastcluster hosts behind a real HAProxy: each host restarted in turn
+(SIGTERM, drain, stop, start again) under a bounded client loop, with zero
+failed requests.
+
+Each host runs in a network namespace this test makes (`ip netns add`, one
+veth pair, a /30 in 10.213.0.0/16 that no interface here uses); only
+addresses inside those namespaces and their veth peers are touched. The
+test itself stays on the host side and talks to HAProxy on 127.0.0.1;
+HAProxy reaches the hosts over the veth pairs and checks their /readyz every
+200 ms. On SIGTERM a host's /readyz fails at once and it keeps serving for
+drain_delay (longer than HAProxy needs to mark it down), then shuts down
+gracefully; so HAProxy never sends a request to a host that stopped
+accepting. HAProxy's retries are off and no redispatch is set: a request
+sent to a stopped host would be counted failed, not retried elsewhere.
+
+Skipped, with the reason, when not root, when `ip netns` is not permitted,
+or when HAProxy is missing and `apt-get install -y haproxy` cannot get it.
+Everything the test starts is stopped and the namespaces deleted in
+finally blocks, also when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _helpers import Running, env, free_port, script  # noqa: F401
+
+DRAIN_DELAY = 1.5  # s; HAProxy marks a host down within fall x inter (2 x 200 ms) + a check
+APP_PORT, HEALTH_PORT = 8000, 8081  # inside each host's namespace
+CLIENTS = 2  # concurrent client loops
+MAX_REQUESTS = 40_000  # per client loop
+MAX_SECONDS = 45.0  # per client loop
+MIN_SERVED = 20  # requests each host must serve in each phase it is up
+
+HOST = """
+import os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import fastcluster as cluster
+
+NAME, IP, DRAIN = sys.argv[1], sys.argv[2], float(sys.argv[3])
+APP, HEALTH = int(sys.argv[4]), int(sys.argv[5])
+
+if cluster.is_primary:
+    cluster.setup_primary(health=f"{IP}:{HEALTH}", drain_delay=DRAIN, graceful_timeout=5.0)
+    listening = []
+    def on_listening(w, address):
+        listening.append(w.id)
+        if len(listening) == 2:
+            print("ready", NAME, os.getpid(), flush=True)
+    cluster.on("listening", on_listening)
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+    print("stopped", NAME, flush=True)
+else:
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"{NAME} {os.getpid()}\\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer((IP, APP), H, bind_and_activate=False)
+    cluster.listen_server(server).serve_forever()
+"""
+
+HAPROXY_CFG = """
+global
+    maxconn 1024
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    retries 0
+
+listen fleet
+    bind 127.0.0.1:{port}
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host health
+    http-check expect status 200
+    default-server inter 200ms fastinter 200ms downinter 200ms fall 2 rise 2
+{servers}
+"""
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
+
+
+def need_haproxy() -> str:
+    path = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy")
+    if not path and shutil.which("apt-get"):
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            inst = sh("apt-get", "install", "-y", "-q", "haproxy", check=False)
+            if inst.returncode != 0:  # the package lists may be missing: update once
+                sh("apt-get", "update", "-q", check=False)
+                sh("apt-get", "install", "-y", "-q", "haproxy", check=False)
+        path = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy")
+                                           and "/usr/sbin/haproxy")
+    if not path:
+        pytest.skip("HAProxy is not installed and `apt-get install -y haproxy` failed")
+    return path
+
+
+def used_subnets() -> set[int]:
+    """Third octets of 10.213.x.y addresses already on this host's interfaces."""
+    out = sh("ip", "-4", "-o", "addr", "show", check=False).stdout
+    used = set()
+    for word in out.split():
+        if word.startswith("10.213."):
+            used.add(int(word.split(".")[2]))
+    return used
+
+
+class Namespace:
+    """A network namespace with one veth pair: host side .1/30, namespace side .2/30."""
+
+    def __init__(self, tag: str, octet: int) -> None:
+        self.name = f"fcfleet-{tag}"
+        self.veth_host, self.veth_ns = f"fcv{tag}h", f"fcv{tag}n"
+        self.host_ip, self.ip = f"10.213.{octet}.1", f"10.213.{octet}.2"
+
+    def create(self) -> None:
+        sh("ip", "netns", "add", self.name)
+        sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+        sh("ip", "link", "set", self.veth_ns, "netns", self.name)
+        sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth_host)
+        sh("ip", "link", "set", self.veth_host, "up")
+        for cmd in (("ip", "addr", "add", f"{self.ip}/30", "dev", self.veth_ns),
+                    ("ip", "link", "set", self.veth_ns, "up"),
+                    ("ip", "link", "set", "lo", "up")):
+            sh("ip", "netns", "exec", self.name, *cmd)
+
+    def delete(self) -> None:
+        """Kills what is left in it (processes this test started), deletes it."""
+        pids = sh("ip", "netns", "pids", self.name, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", self.name, check=False)
+        sh("ip", "link", "del", self.veth_host, check=False)  # gone with the netns, normally
+
+
+@pytest.fixture
+def namespaces() -> Iterator[list[Namespace]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for `ip netns add` (network namespaces)")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 (`ip`) is not installed")
+    used = used_subnets()
+    base = 1 + os.getpid() % 200
+    octets = [o for o in range(base, base + 50) if o % 256 not in used and o < 255][:2]
+    tag = str(os.getpid() % 100000)
+    spaces = [Namespace(f"{tag}x{i}", octet) for i, octet in enumerate(octets, 1)]
+    try:
+        probe = sh("ip", "netns", "add", spaces[0].name, check=False)
+        if probe.returncode != 0:
+            pytest.skip(f"`ip netns add` is not permitted here: {probe.stderr.strip()}")
+        sh("ip", "netns", "del", spaces[0].name, check=False)
+        for ns in spaces:
+            ns.create()
+        yield spaces
+    finally:
+        for ns in spaces:
+            ns.delete()
+
+
+class Host:
+    """One fastcluster primary (2 workers) inside a namespace."""
+
+    def __init__(self, path: Path, env: dict[str, str], ns: Namespace, name: str) -> None:
+        self.path, self.env, self.ns, self.name = path, env, ns, name
+        self.run: Running | None = None
+        self.pid = 0
+
+    def start(self) -> None:
+        argv = ("ip", "netns", "exec", self.ns.name, sys.executable, str(self.path), self.name,
+                self.ns.ip, str(DRAIN_DELAY), str(APP_PORT), str(HEALTH_PORT))
+        self.run = _RunningArgv(argv, self.env, self.path.parent)
+        line = self.run.wait_for(f"ready {self.name}", timeout=15)[0]
+        self.pid = int(line.split()[2])
+
+    def stop(self) -> tuple[int, list[str]]:
+        assert self.run is not None
+        self.run.signal(signal.SIGTERM)
+        code, out = self.run.finish(timeout=15)
+        self.run = None
+        return code, out
+
+    def kill(self) -> None:
+        if self.run is not None:
+            if self.run.proc.poll() is None:
+                self.run.kill()
+            self.run.close()
+            self.run = None
+
+
+class _RunningArgv(Running):
+    """Running with an arbitrary command line (here: `ip netns exec ... python ...`)."""
+
+    def __init__(self, argv: tuple[str, ...], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._fd, selectors.EVENT_READ)
+        self._buf = b""
+        self._eof = False
+        self.seen = []
+
+
+class Clients:
+    """CLIENTS loops of GET / through HAProxy, each bounded in count and time;
+    every answer is recorded under the phase in force when it was asked."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.phase = "before"
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.served: Counter[tuple[str, str]] = Counter()  # (phase, host) -> answers
+        self.attempted: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.last_seen: dict[str, float] = {}  # host -> time.monotonic() of its last answer
+        self.threads = [threading.Thread(target=self._loop, daemon=True)
+                        for _ in range(CLIENTS)]
+
+    def __enter__(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+    def _one(self) -> str:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1:2]
+        if not head.startswith(b"HTTP/1.") or status != [b"200"] or not body.startswith(b"host"):
+            raise ValueError(f"bad answer {data[:200]!r}")
+        return body.split()[0].decode()
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        for _ in range(MAX_REQUESTS):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return
+            phase = self.phase
+            try:
+                host = self._one()
+            except (OSError, ValueError) as e:
+                with self.lock:
+                    self.attempted[phase] += 1
+                    self.failed[phase] += 1
+                    self.errors.append(f"{phase}: {e!r}")
+                continue
+            with self.lock:
+                self.attempted[phase] += 1
+                self.served[phase, host] += 1
+                self.last_seen[host] = time.monotonic()
+
+    def wait_served(self, phase: str, hosts: list[str], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(self.served[phase, h] >= MIN_SERVED for h in hosts):
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"phase {phase}: not every host of {hosts} served "
+                             f"{MIN_SERVED}: {dict(self.served)}; errors {self.errors[:5]}")
+
+
+def warm_up(port: int, names: list[str], log: Path, timeout: float = 15.0) -> None:
+    """Waits until HAProxy listens and has marked every host up (each answered)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while set(names) - seen and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            seen.add(Clients(port)._one())
+        time.sleep(0.02)
+    assert not set(names) - seen, f"HAProxy never reached {set(names) - seen}; its log:\n" \
+        + log.read_text()
+
+
+def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str],
+                                              namespaces: list[Namespace]) -> None:
+    haproxy = need_haproxy()
+    path = script(tmp_path, HOST, "host.py")
+    hosts = [Host(path, env, ns, f"host{i}") for i, ns in enumerate(namespaces, 1)]
+    port = free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(port=port, servers="\n".join(
+        f"    server {h.name} {h.ns.ip}:{APP_PORT} check port {HEALTH_PORT}" for h in hosts)))
+    check = sh(haproxy, "-c", "-f", str(cfg), check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115 (closed in finally)
+    lb: subprocess.Popen[bytes] | None = None
+    try:
+        for h in hosts:
+            h.start()
+        lb = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=log,
+                              stderr=subprocess.STDOUT)
+        warm_up(port, [h.name for h in hosts], tmp_path / "haproxy.log")
+        t_start = time.monotonic()
+        with Clients(port) as clients:
+            clients.wait_served("before", [h.name for h in hosts])
+            detect: dict[str, float] = {}
+            for h in hosts:
+                clients.phase = f"restart {h.name}"
+                t_term = time.monotonic()
+                code, out = h.stop()
+                assert code == 0, out
+                assert f"stopped {h.name}" in out, out
+                with clients.lock:  # its last answer came within the drain
+                    detect[h.name] = clients.last_seen[h.name] - t_term
+                h.start()
+                clients.phase = f"back {h.name}"  # until HAProxy has it up again
+                clients.wait_served(clients.phase, [h.name])
+            clients.phase = "after"
+            clients.wait_served("after", [h.name for h in hosts])
+        elapsed = time.monotonic() - t_start
+    finally:
+        if lb is not None:
+            lb.terminate()
+            try:
+                lb.wait(5)
+            except subprocess.TimeoutExpired:
+                lb.kill()
+                lb.wait(5)
+        for h in hosts:
+            h.kill()
+        log.close()
+    restarts = [p for p in clients.attempted if p.startswith(("restart", "back"))]
+    attempted = sum(clients.attempted[p] for p in restarts)
+    failed = sum(clients.failed[p] for p in restarts)
+    print(f"\nfleet: {attempted} requests attempted through HAProxy during the two host "
+          f"restarts, {failed} failed; {sum(clients.attempted.values())} attempted in all "
+          f"over {elapsed:.1f} s, {sum(clients.failed.values())} failed")
+    print("fleet: served per (phase, host):", dict(sorted(clients.served.items())))
+    print("fleet: last answer from a host after its SIGTERM (s, drain_delay "
+          f"{DRAIN_DELAY}):", {k: round(v, 3) for k, v in detect.items()})
+    assert sum(clients.failed.values()) == 0, clients.errors[:10]
+    assert attempted >= 2 * MIN_SERVED
+    for h in hosts:  # both served before and after both restarts
+        assert clients.served["before", h.name] >= MIN_SERVED
+        assert clients.served["after", h.name] >= MIN_SERVED
+    # HAProxy stopped sending to each host before its drain ended (readyz failed first)
+    assert all(v < DRAIN_DELAY for v in detect.values()), detect
