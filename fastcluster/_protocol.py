@@ -6,8 +6,10 @@ Every frame is a JSON object with a "t" (type) key. User messages are
 requests and replies, online, listening, disconnect...). Frames larger than
 MAX_FRAME are refused by the encoder (ValueError) and by the decoder
 (ProtocolError, fatal: the stream cannot be resynchronised). A well-delimited
-frame that does not decode is a non-fatal ProtocolError. JSON only: nothing a
-worker sends can make the primary run code (no pickle).
+frame that does not decode is a non-fatal ProtocolError. JSON only (strict:
+no NaN or Infinity): nothing a worker sends can make the primary run code
+(no pickle, no object hooks); a frame decodes to dicts, lists, str, int,
+float, bool and None, nothing else.
 
 File descriptors (the listening socket, for the `shared` policy) travel as
 SCM_RIGHTS data on the frame's first bytes; a frame that carries fds says how
@@ -30,6 +32,10 @@ HEADER = struct.Struct(">I")
 Frame = dict[str, Any]
 
 
+ALLOWED = ("dict (str keys), list, tuple, str, int, float (finite), bool or None, "
+           "nested")
+
+
 def encode(frame: Frame, max_frame: int = MAX_FRAME) -> bytes:
     """One frame as bytes. TypeError if it is not JSON-serialisable;
     ValueError if it is larger than max_frame."""
@@ -37,10 +43,22 @@ def encode(frame: Frame, max_frame: int = MAX_FRAME) -> bytes:
         body = json.dumps(frame, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as e:
-        raise TypeError(f"message is not JSON-serialisable: {e}") from None
+        if isinstance(e, RecursionError):
+            e = RecursionError("nested too deeply (or it contains itself)")
+        raise TypeError(f"message is not JSON-serialisable ({e}); allowed: {ALLOWED}; "
+                        f"got {_short(frame.get('d', frame))}") from None
     if len(body) > max_frame:
-        raise ValueError(f"message is too large: {len(body)} bytes > {max_frame}")
+        raise ValueError(f"message is too large: {len(body)} bytes of JSON; "
+                         f"allowed: up to {max_frame}")
     return HEADER.pack(len(body)) + body
+
+
+def _short(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # a user's __repr__ may raise
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def encode_message(obj: Any, max_frame: int = MAX_FRAME) -> bytes:
@@ -95,9 +113,14 @@ class FrameDecoder:
                 self._pos = 0
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _decode_body(body: bytes) -> Frame:
     try:
-        obj = json.loads(body)
+        # NaN and Infinity are Python's extensions: the encoder never makes them
+        obj = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"frame is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
