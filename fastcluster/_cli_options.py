@@ -71,6 +71,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("a number of seconds >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError("a finite number of seconds >= 0")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -181,6 +191,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics", _metrics, "",
            "serve Prometheus metrics at http://HOST:PORT/metrics from the primary "
            "(default: off)", "HOST:PORT"),
+    Option("health", _metrics, "",
+           "serve /healthz and /readyz at http://HOST:PORT from the primary, for load "
+           "balancers and probes (default: off)", "HOST:PORT"),
+    Option("drain_delay", _delay, 0.0,
+           "on SIGTERM, seconds /readyz fails while workers go on serving, before the "
+           "graceful shutdown (Kubernetes: 5-15)", "S"),
     Option("config", _text, "", "TOML file with any of these settings (same names)",
            "FILE"),
 )

@@ -176,10 +176,14 @@ def run(settings: dict[str, Any]) -> int:
     if problem is not None:
         return _fail(problem)
     _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings)
-    cluster.setup_primary(target=worker_main, policy=settings["policy"],
-                          respawn=settings["respawn"],
-                          graceful_timeout=settings["graceful_timeout"],
-                          backlog=settings["backlog"])
+    try:
+        cluster.setup_primary(target=worker_main, policy=settings["policy"],
+                              respawn=settings["respawn"],
+                              graceful_timeout=settings["graceful_timeout"],
+                              backlog=settings["backlog"], health=settings["health"] or None,
+                              drain_delay=settings["drain_delay"])
+    except OSError as e:  # the health endpoint's address
+        return _fail(f"--health: {e.strerror or e}")
     lifecycle = _Lifecycle()
     snapshot = Snapshot({"app": ref, "interface": interface, "bind": settings["bind"],
                          "workers_wanted": settings["workers"]})

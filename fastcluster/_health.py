@@ -1,6 +1,7 @@
 """Health and readiness for load balancers: /healthz, /readyz, drain on SIGTERM.
 
-Theory of operation. Opt-in (setting `health`, e.g. "127.0.0.1:8081"): the
+Theory of operation. Opt-in (setting `health`, e.g. "127.0.0.1:8081", bound by
+setup_primary() so a busy port is an error before any fork): the
 primary serves a tiny HTTP endpoint on its own address, apart from the
 workers' ports, so a balancer (HAProxy, a Kubernetes probe) can ask:
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._primary import Primary
+    from ._settings import Settings
     from ._timers import Timer
 
 log = logging.getLogger("fastcluster")
@@ -79,10 +81,13 @@ os.register_at_fork(after_in_child=_close_in_child)
 # -- settings ---------------------------------------------------------------
 
 def parse_address(text: str) -> tuple[str, int]:
-    """"HOST:PORT" or "[IPV6]:PORT" -> (host, port); ValueError if malformed."""
+    """"HOST:PORT", "[IPV6]:PORT" or ":PORT" (every IPv4 interface, as the
+    CLI's --bind) -> (host, port); ValueError if malformed."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not port_text.isdigit():
         raise ValueError(text)
+    if not host:
+        host = "0.0.0.0"
     if host.startswith("["):
         if not host.endswith("]") or len(host) < 3:
             raise ValueError(text)
@@ -98,7 +103,7 @@ def parse_address(text: str) -> tuple[str, int]:
 def check_address(name: str, value: Any) -> str | None:
     """The `health` setting: None (off) or "HOST:PORT"."""
     allowed = ('None (off) or "HOST:PORT" with a port from 0 to 65535, '
-               'e.g. "127.0.0.1:8081", "0.0.0.0:8081" or "[::1]:8081"')
+               'e.g. "127.0.0.1:8081", "[::1]:8081" or ":8081" (every IPv4 interface)')
     if value is None:
         return None
     if not isinstance(value, str):
@@ -193,13 +198,21 @@ class Health:
 
     # -- endpoint ------------------------------------------------------------
 
-    def start(self) -> None:
-        """Binds and serves the endpoint if the `health` setting names one
-        (run() calls this). Raises OSError naming the address if it cannot bind."""
-        address = self._p.config().health
-        if address is None or self._server is not None:
+    def configure(self, cfg: Settings) -> None:
+        """Binds the endpoint the `health` setting names (setup_primary()
+        calls this before the new settings take effect), closing one bound
+        for an earlier value. Raises OSError naming the address if it cannot
+        bind; the endpoint in place then stays."""
+        if self._server is not None and self._server.setting == cfg.health:
             return
-        self._server = _Server(self._p, address, self._answer)
+        new = None if cfg.health is None else _Server(self._p, cfg.health, self._answer)
+        self.close()
+        self._server = new
+
+    def start(self) -> None:
+        """run() calls this: binds the endpoint if it is set and not bound
+        (after a close())."""
+        self.configure(self._p.config())
 
     def close(self) -> None:
         if self._server is not None:
@@ -243,6 +256,7 @@ class _Server:
     def __init__(self, primary: Primary, address: str,
                  answer: Callable[[str, str], tuple[int, str]]) -> None:
         self._p = primary
+        self.setting = address  # the `health` value it was bound for
         self._answer = answer
         self._conns: dict[int, _Conn] = {}  # by fd, oldest first
         self._paused: Timer | None = None

@@ -155,7 +155,9 @@ class Primary:
         self.settings.update(self.cfg.as_dict())
 
     def setup(self, updates: dict[str, Any]) -> None:
-        self.cfg = (self.cfg or defaults()).merge(updates)
+        cfg = (self.cfg or defaults()).merge(updates)
+        self.health.configure(cfg)  # binds the `health` endpoint (OSError: nothing changed)
+        self.cfg = cfg
         self._publish()
         if self.dispatcher is not None:
             self.dispatcher.set_policy(_core_policy(self.cfg.policy))

@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,11 +191,11 @@ def test_health_address_in_use_is_a_clear_error(tmp_path: Path, env: dict[str, s
     path = script(tmp_path, """
         import sys
         import fastcluster as cluster
-        cluster.setup_primary(health=sys.argv[1])
         try:
-            cluster.run()
+            cluster.setup_primary(health=sys.argv[1])  # binds: fails before any fork
         except OSError as e:
             print("error", e, flush=True)
+        print("health", cluster.settings.get("health"), flush=True)  # unchanged
     """)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -200,8 +203,9 @@ def test_health_address_in_use_is_a_clear_error(tmp_path: Path, env: dict[str, s
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         with running(path, env, (address,)) as r:
             line = r.wait_for("error")[0]
-            code, _out = r.finish()
+            code, out = r.finish()
     assert code == 0
+    assert "health None" in out
     assert f"health endpoint {address!r}" in line and "in use" in line
 
 
@@ -211,7 +215,8 @@ def test_health_address_in_use_is_a_clear_error(tmp_path: Path, env: dict[str, s
     ("health", "localhost", ValueError),
     ("health", "127.0.0.1:99999", ValueError),
     ("health", "::1:8081", ValueError),
-    ("health", ":8081", ValueError),
+    ("health", ":", ValueError),
+    ("health", "127.0.0.1:80a", ValueError),
     ("drain_delay", -1, ValueError),
     ("drain_delay", math.nan, ValueError),
     ("drain_delay", math.inf, ValueError),
@@ -227,7 +232,43 @@ def test_bad_settings_name_setting_value_allowed(name: str, value: object,
 
 
 def test_good_settings() -> None:
+    assert Settings().merge({"health": ":8081"}).health == ":8081"  # all IPv4 interfaces
     s = Settings().merge({"health": "[::1]:8081", "drain_delay": 5})
     assert (s.health, s.drain_delay) == ("[::1]:8081", 5.0)
     assert Settings().merge({"health": None, "drain_delay": 0}).as_dict()["health"] is None
     assert (Settings().health, Settings().drain_delay) == (None, 0.0)
+
+
+def test_cli_health_and_drain_delay(tmp_path: Path, env: dict[str, str]) -> None:
+    """`fastcluster run --health --drain-delay` (the deploy/ examples' command)."""
+    tests = Path(__file__).resolve().parent
+    cli_env = {k: v for k, v in env.items() if not k.startswith("FASTCLUSTER_")}
+    cli_env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests)])
+    app, health = free_port(), free_port()
+    argv = [sys.executable, "-m", "fastcluster", "run", "cli_apps:wsgi_app", "--workers", "2",
+            "--bind", f"127.0.0.1:{app}", "--health", f"127.0.0.1:{health}",
+            "--drain-delay", "1", "--status-socket", "off"]
+    with open(tmp_path / "out", "w+") as out:
+        proc = subprocess.Popen(argv, cwd=tests, env=cli_env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            assert wait_status(health, "/readyz", 200, timeout=15) == "ready\n"
+            assert http_get(app)[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert wait_status(health, "/readyz", 503, timeout=2) == "not ready: draining\n"
+            assert http_get(app)[0] == 200  # still served while draining
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        # the health address in use: a clear error, exit 1, before any fork
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            argv[argv.index("--health") + 1] = f"127.0.0.1:{busy.getsockname()[1]}"
+            bad = subprocess.run(argv, cwd=tests, env=cli_env, capture_output=True,
+                                 text=True, timeout=20)
+    assert bad.returncode == 1
+    assert "--health: health endpoint '127.0.0.1:" in bad.stderr, bad.stderr
+    assert "Address already in use" in bad.stderr
