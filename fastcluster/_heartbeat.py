@@ -102,6 +102,7 @@ class Heart:
         self.interval = interval_for(self.timeout) if self.on else 0.0
         self._last: dict[object, int] = {}
         self._lock = threading.Lock()
+        self._skip_ns = int(self.interval * 1e9 / 4)  # a busy loop beats at most 4x/interval
         if self.on and not faulthandler.is_enabled():
             _enable_faulthandler()
 
@@ -110,6 +111,8 @@ class Heart:
         if not self.on:
             return
         now = time.monotonic_ns()
+        if now - self._last.get(key, 0) < self._skip_ns:
+            return  # beat recently (a serve_forever() busy with requests)
         with self._lock:
             self._last[key] = now
             self._channel.beat(min(self._last.values()))

@@ -22,7 +22,7 @@ from _helpers import env, free_port, http_get, run, running, script  # noqa: F40
 TIMEOUT = 1.0
 
 CLUSTER = """
-    import asyncio, os, sys, threading, time
+    import asyncio, os, signal, sys, threading, time
     from http.server import BaseHTTPRequestHandler, HTTPServer
     import fastcluster as cluster
     import fastcluster.aio
@@ -58,6 +58,8 @@ CLUSTER = """
         while (await reader.readline()) not in (b"\\r\\n", b""):
             pass
         if b"/block" in line:
+            if KIND == "aio_stubborn":
+                signal.signal(signal.SIGABRT, signal.SIG_IGN)  # survives SIGABRT
             block()  # the whole loop stops here
         body = str(os.getpid()).encode()
         writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
@@ -92,7 +94,7 @@ CLUSTER = """
             cluster.worker.send("tick")
             time.sleep(0.1)
 
-    if KIND == "aio":
+    if KIND in ("aio", "aio_stubborn"):
         asyncio.run(serve_aio())
     elif KIND == "aio_chatty":
         threading.Thread(target=chatter, daemon=True).start()
@@ -158,6 +160,28 @@ def test_hung_worker_detected_and_replaced(tmp_path: Path, env: dict[str, str], 
     figures = _hang_and_replace(tmp_path, env, kind, start)
     assert figures["detected"] > TIMEOUT * 0.9  # not before the timeout...
     assert figures["replaced"] < TIMEOUT + 1.0  # ...and replaced within timeout + 1 s
+
+
+def test_sigkill_when_sigabrt_is_ignored(tmp_path: Path, env: dict[str, str]) -> None:
+    """A hung worker that ignores SIGABRT is SIGKILLed ABORT_GRACE later."""
+    from fastcluster._heartbeat import ABORT_GRACE
+
+    port = free_port()
+    path = script(tmp_path, CLUSTER)
+    with running(path, dict(env, PORT=str(port), KINDS="aio_stubborn")) as r:
+        r.wait_for("listening", timeout=15)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as blocker:
+            blocker.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+            t_block = float(_fields(r.wait_for("blocking", timeout=5)[0])[2])
+            exit_line = _fields(r.wait_for("exit", timeout=TIMEOUT + ABORT_GRACE + 5)[0])
+            r.wait_for("listening", count=2, timeout=15)
+        r.signal(15)
+        code, out = r.finish(timeout=15)
+    assert code == 0, "\n".join(out)
+    assert exit_line[4] == "SIGKILL", exit_line
+    assert any("survived SIGABRT; SIGKILL" in ln for ln in out), "\n".join(out)
+    took = float(exit_line[5]) - t_block
+    assert TIMEOUT + ABORT_GRACE * 0.9 < took < TIMEOUT + ABORT_GRACE + 1.0
 
 
 def test_side_thread_answering_does_not_count(tmp_path: Path, env: dict[str, str]) -> None:
