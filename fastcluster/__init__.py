@@ -76,9 +76,9 @@ workers: dict[int, Worker] = _role.workers
 settings: dict[str, Any] = _role.settings
 
 
-def _primary_only(name: str) -> None:
+def _primary_only(name: str, instead: str = "") -> None:
     if _role.runtime is not None:
-        raise RuntimeError(f"cluster.{name}() is for the primary; this is a worker")
+        raise RuntimeError(f"cluster.{name}() is for the primary; this is a worker{instead}")
 
 
 def setup_primary(**options: Any) -> None:
@@ -96,7 +96,7 @@ def fork(env: Mapping[str, str] | None = None) -> Worker:
 def disconnect(callback: Callable[[], object] | None = None) -> None:
     """Disconnects every worker (gracefully); callback runs, from the loop
     (cluster.run()), once no worker is left."""
-    _primary_only("disconnect")
+    _primary_only("disconnect", " (to disconnect it, cluster.worker.disconnect())")
     _role.primary().disconnect(callback)
 
 
@@ -115,6 +115,10 @@ def listen(address: Any, backlog: int | None = None) -> Listener:
     """Listens on address through the cluster: (host, port), a Unix socket
     path, or a port. In a worker, the primary binds it once for all workers
     (port 0: one real port for all); bind errors raise OSError here."""
+    if backlog is not None and (isinstance(backlog, bool) or not isinstance(backlog, int)):
+        raise TypeError(f"listen(): backlog must be an int >= 0 or None, got {backlog!r}")
+    if backlog is not None and backlog < 0:
+        raise ValueError(f"listen(): backlog must be an int >= 0 or None, got {backlog!r}")
     rt = _role.runtime
     if rt is not None:
         return rt.listen(address, backlog)

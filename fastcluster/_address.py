@@ -30,7 +30,9 @@ def to_wire(address: Any) -> WireAddress:
         host, port = address[0], address[1]
         if not isinstance(host, str):
             raise TypeError(f"address: host must be a str, got {host!r}")
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise TypeError(f"address: port must be an int from 0 to 65535, got {port!r}")
+        if not 0 <= port <= 65535:
             raise ValueError(f"address: port must be an int from 0 to 65535, got {port!r}")
         rest = list(address[2:])
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in rest):

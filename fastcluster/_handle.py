@@ -24,6 +24,9 @@ class Backend(Protocol):
     def worker_is_dead(self, worker: Worker) -> bool: ...
 
 
+_ALLOWED = f"a name such as 'SIGTERM' or 'TERM', or a number from 1 to {_signal.NSIG - 1}"
+
+
 def signal_number(sig: int | str) -> int:
     """A signal given as a number, a Signals member, or a name ("SIGKILL", "KILL")."""
     if isinstance(sig, str):
@@ -33,11 +36,12 @@ def signal_number(sig: int | str) -> int:
         try:
             return int(_signal.Signals[name])
         except KeyError:
-            raise ValueError(f"signal: unknown signal name {sig!r}") from None
+            raise ValueError(f"signal: unknown signal name {sig!r}; allowed: {_ALLOWED}"
+                             ) from None
     if isinstance(sig, bool) or not isinstance(sig, int):
-        raise TypeError(f"signal must be an int or a name, got {sig!r}")
+        raise TypeError(f"signal must be an int or a name, got {sig!r}; allowed: {_ALLOWED}")
     if not 0 < int(sig) < _signal.NSIG:
-        raise ValueError(f"signal: {sig!r} is not a signal number")
+        raise ValueError(f"signal: {sig!r} is not a signal number; allowed: {_ALLOWED}")
     return int(sig)
 
 

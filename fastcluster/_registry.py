@@ -47,6 +47,14 @@ class Bound:
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a path we created
 
 
+def _shown(wire: Any) -> str:
+    """An address for an error message: host:port, [v6]:port or the path."""
+    if isinstance(wire, list) and len(wire) >= 2:
+        host = f"[{wire[0]}]" if ":" in str(wire[0]) else str(wire[0])
+        return f"{host}:{wire[1]}"
+    return repr(wire)
+
+
 class Registry:
     def __init__(self, dispatcher: Callable[[], Dispatcher]) -> None:
         self._dispatcher = dispatcher
@@ -59,8 +67,8 @@ class Registry:
         try:
             family, sockaddr = _address.resolve(wire)
         except socket.gaierror as e:
-            return {"t": "listen_err", "errno": e.errno, "strerror": e.strerror,
-                    "gai": True}, []
+            return {"t": "listen_err", "errno": e.errno, "gai": True,
+                    "strerror": f"{e.strerror}: {_shown(wire)}"}, []
         except (ValueError, TypeError, IndexError) as e:
             return {"t": "listen_err", "errno": errno.EINVAL, "strerror": str(e)}, []
         key = _address.key_of(family, sockaddr)
@@ -70,7 +78,7 @@ class Registry:
                 bound = self._bind(family, sockaddr, backlog, policy)
             except OSError as e:
                 return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
-                        "strerror": e.strerror or str(e)}, []
+                        "strerror": f"{e.strerror or e}: {_shown(wire)}"}, []
             self._by_key[key] = bound
             self._by_key[_address.key_of(family, bound.sock.getsockname())] = bound
             self._all.append(bound)

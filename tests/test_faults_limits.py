@@ -94,7 +94,7 @@ import resource
 
 if cluster.is_primary:
     cluster.setup_primary(respawn=True)
-    cluster.on("message", lambda w, m: print(m, w.pid, os.environ.get("ROLE"), flush=True))
+    cluster.on("message", lambda w, m: print(m, w.pid, w.id, flush=True))
     cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
     cluster.fork({"ROLE": "low"})
     cluster.fork({"ROLE": "normal"})
@@ -110,7 +110,7 @@ else:
 
 def test_worker_out_of_fds_hands_on_its_connections_and_is_replaced(
         tmp_path: Path, env: dict[str, str]) -> None:
-    path = script(tmp_path, WORKER_LOW.replace('os.environ.get("ROLE")', 'w.id'))
+    path = script(tmp_path, WORKER_LOW)
     port = free_port()
     idle: list[socket.socket] = []
     try:
