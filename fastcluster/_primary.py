@@ -61,7 +61,7 @@ from ._core import (
     CounterTable,
     Dispatcher,
 )
-from ._errors import ProtocolError
+from ._errors import ClusterError, ProtocolError
 from ._events import EventEmitter
 from ._handle import Worker, signal_name
 from ._health import Health
@@ -743,6 +743,11 @@ class Primary:
         data = encode_message(message)
         proc = self._procs.get(worker.id)
         if proc is None or not self._send(proc, data):
+            # Node: false, and an "error" event on the worker, from the loop
+            gone = "dead" if proc is None or proc.dead else "disconnected"
+            err = ClusterError(f"worker {worker.id} (pid {worker.pid}) is {gone}: its "
+                               "channel is closed, the message was not sent")
+            self._soon.append(lambda: worker.emit("error", err))
             return False
         return proc.chan is not None and proc.chan.out_bytes < self.SEND_HIGH_WATER
 
