@@ -73,6 +73,10 @@ class Spec:
         if self.name == "gunicorn-sync":
             return [py, "-m", "gunicorn", "-w", n, "-b", f"127.0.0.1:{port}", "--pythonpath",
                     a, "--log-level", "warning", "wsgi_app:app"]
+        if self.name.startswith("fc-cli"):  # the CLI on the anchors' ASGI app
+            return [py, "-m", "fastcluster", "run", "asgi_app:app", "--workers", n,
+                    "--bind", f"127.0.0.1:{port}", "--app-dir", a, "--status-socket", "off",
+                    "--log-level", "warning", "--policy", self.env.get("POLICY", "rr")]
         if self.name.startswith("fc-"):
             return [py, str(s / "fastcluster_hello.py")]
         if self.name.startswith("core-"):
@@ -110,6 +114,11 @@ SPECS = [
            counted=True, primary="accepts" if p in ("rr", "least") else "idle",
            needs=("api",), env={"POLICY": p}, slow_capable=True, supervised=True)
       for p in ("rr", "least", "shared", "reuseport")),
+    *(Spec(f"fc-cli-{p}", f"fastcluster run ({p})",
+           f"python -m fastcluster run asgi_app:app --policy {p} (uvicorn's protocol)",
+           counted=False, primary="accepts" if p in ("rr", "least") else "idle",
+           needs=("api", "anchors", "uvicorn"), env={"POLICY": p}, supervised=True)
+      for p in ("rr", "least", "shared")),
     *(Spec(f"core-{p}", f"fastcluster core {p}",
            f"bench/servers/core_hello.py: primary on fastcluster._core alone, policy={p}, "
            f"{ASYNC}", counted=True, primary="accepts", env={"POLICY": p}, slow_capable=True)

@@ -159,7 +159,7 @@ class Snapshot:
                 "uptime": round(time.monotonic() - self.started, 3),
                 "policy": policy,
                 "addresses": self.addresses,
-                "stopping": bool(primary._stopping),
+                "stopping": bool(getattr(primary, "_stopping", False)),
                 "workers": len(workers),
                 "restarts": self.restarts_total,
                 "rss": rss_bytes(os.getpid()),

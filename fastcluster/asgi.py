@@ -18,9 +18,10 @@ with BOOT_ERROR and the primary never sends it a connection) and shutdown
 once a second, and on a graceful disconnect (a rolling restart, SIGTERM)
 closing idle keep-alive connections and letting busy ones finish their
 response without keep-alive (uvicorn's connection.shutdown()), again every
-DRAIN_TICK for connections the worker still had queued. Requests are
-counted in the worker's shared-memory slot (what `fastcluster status`
-shows) by a thin wrapper around the app.
+DRAIN_TICK for connections the worker still had queued. The requests
+uvicorn's protocols count (ServerState.total_requests) are added to the
+worker's shared-memory slot (what `fastcluster status` shows) every TICK,
+so counting costs nothing per request.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ INSTALL_HINT = "pip install 'fastcluster-server[asgi]'"
 BOOT_ERROR = 3  # exit status of a worker that could not start serving
 DRAIN_TICK = 0.1  # seconds between passes over the connections while draining
 HEADER_TICK = 1.0  # seconds between refreshes of the Date header
+TICK = 0.1  # seconds between publications of the request count
 
 
 class MissingDependency(ImportError):
@@ -86,20 +88,6 @@ def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def counted(app: Any) -> Any:
-    """The ASGI app, counting each finished HTTP request in the worker's slot."""
-    done = worker_request_counter()
-
-    async def counting_app(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await app(scope, receive, send)
-        finally:
-            if scope["type"] == "http":
-                done(1)
-
-    return counting_app
-
-
 def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
           lifespan: str = "auto", access_log: bool = False, timeout_keep_alive: int = 5,
           backlog: int | None = None, **uvicorn_options: Any) -> int:
@@ -137,7 +125,6 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
         log.error("fastcluster: worker pid %s: the app's lifespan startup failed",
                   os.getpid())
         return BOOT_ERROR
-    config.loaded_app = counted(config.loaded_app)
     state = ServerState()
     protocol_class: Any = config.http_protocol_class
     loop = asyncio.get_running_loop()
@@ -146,7 +133,8 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
         return protocol_class(config=config, server_state=state,  # type: ignore[no-any-return]
                               app_state=life.state, _loop=loop)
 
-    headers = loop.create_task(_refresh_headers(config, state))
+    ticker = _Ticker(config, state)
+    headers = loop.create_task(ticker.run())
     try:
         server = await aio.create_server(factory, address, backlog=backlog)
     except OSError as e:
@@ -167,16 +155,39 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
             rt.remove_server(drain)
     while state.tasks:  # background tasks the app started with its responses
         await asyncio.sleep(DRAIN_TICK)
+    ticker.publish()
     await life.shutdown()
     return 0
 
 
-async def _refresh_headers(config: Any, state: Any) -> None:
-    """uvicorn's Server.on_tick: default headers with a Date once a second."""
-    while True:
-        date = [(b"date", formatdate(usegmt=True).encode())] if config.date_header else []
-        state.default_headers = date + config.encoded_headers
-        await asyncio.sleep(HEADER_TICK)
+class _Ticker:
+    """uvicorn's Server.on_tick: default headers with a Date once a second;
+    and the requests uvicorn counted (ServerState.total_requests) added to
+    the worker's shared counter every TICK: nothing per request."""
+
+    def __init__(self, config: Any, state: Any) -> None:
+        self.config = config
+        self.state = state
+        self.published = 0
+        self.add_requests = worker_request_counter()
+
+    def publish(self) -> None:
+        total = self.state.total_requests
+        if total != self.published:
+            self.add_requests(total - self.published)
+            self.published = total
+
+    async def run(self) -> None:
+        n = 0
+        while True:
+            if n % round(HEADER_TICK / TICK) == 0:
+                date = formatdate(usegmt=True).encode()
+                self.state.default_headers = (
+                    [(b"date", date)] if self.config.date_header else []
+                ) + self.config.encoded_headers
+            self.publish()
+            n += 1
+            await asyncio.sleep(TICK)
 
 
 class _Drain:

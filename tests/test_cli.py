@@ -9,6 +9,7 @@ which also checks that no process outlives a test.
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 import os
 import shutil
@@ -22,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cli_apps
 import pytest
-
 from _helpers import ROOT, free_port
+
+from fastcluster._primary import Primary
 from fastcluster.pytest_plugin import ClusterServer, fastcluster_server  # noqa: F401
 
 POLICIES = ["rr", "least", "shared", "reuseport"]
@@ -90,7 +93,7 @@ def test_serves_asgi_and_wsgi_apps_with_every_policy(fastcluster_server: Any,
 def test_lifespan_startup_and_shutdown_run_in_each_worker(fastcluster_server: Any,
                                                           tmp_path: Path) -> None:
     events = tmp_path / "events"
-    server = fastcluster_server("cli_apps:asgi_app", workers=2,
+    server = fastcluster_server(cli_apps.asgi_app, workers=2,  # the app itself, not a str
                                 env={"CLI_TEST_EVENTS": str(events)})
     pids = set(server.worker_pids())
     started = [ln.split() for ln in events.read_text().splitlines()]
@@ -146,7 +149,8 @@ def test_status_lists_workers_and_counters_move(fastcluster_server: Any) -> None
             data += chunk
     head, _, body = data.decode().partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 200")
-    samples = [ln for ln in body.splitlines() if ln.startswith("fastcluster_worker_requests_total{")]
+    samples = [ln for ln in body.splitlines()
+               if ln.startswith("fastcluster_worker_requests_total{")]
     assert len(samples) == 2
     assert sum(int(ln.split()[-1]) for ln in samples) >= totals(after, "requests")
     assert "fastcluster_workers 2" in body.splitlines()
@@ -184,7 +188,7 @@ def _load(server: ClusterServer, stop: threading.Event, counts: dict[str, int],
             counts.setdefault("errors", []).append(repr(e))  # type: ignore[attr-defined]
 
 
-HUP_IMPLEMENTED = "not implemented" not in (ROOT / "fastcluster" / "_primary.py").read_text()
+HUP_IMPLEMENTED = "not implemented" not in inspect.getsource(Primary.handle_hup)
 
 
 @pytest.mark.xfail(not HUP_IMPLEMENTED, strict=True,
