@@ -186,14 +186,15 @@ def namespaces() -> Iterator[list[Namespace]]:
 class Host:
     """One fastcluster primary (2 workers) inside a namespace."""
 
-    def __init__(self, path: Path, env: dict[str, str], ns: Namespace, name: str) -> None:
-        self.path, self.env, self.ns, self.name = path, env, ns, name
+    def __init__(self, path: Path, env: dict[str, str], ns: Namespace, name: str,
+                 drain: float) -> None:
+        self.path, self.env, self.ns, self.name, self.drain = path, env, ns, name, drain
         self.run: Running | None = None
         self.pid = 0
 
     def start(self) -> None:
         argv = ("ip", "netns", "exec", self.ns.name, sys.executable, str(self.path), self.name,
-                self.ns.ip, str(DRAIN_DELAY), str(APP_PORT), str(HEALTH_PORT))
+                self.ns.ip, str(self.drain), str(APP_PORT), str(HEALTH_PORT))
         self.run = _RunningArgv(argv, self.env, self.path.parent)
         line = self.run.wait_for(f"ready {self.name}", timeout=15)[0]
         self.pid = int(line.split()[2])
@@ -309,11 +310,31 @@ def warm_up(port: int, names: list[str], log: Path, timeout: float = 15.0) -> No
         + log.read_text()
 
 
-def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str],
-                                              namespaces: list[Namespace]) -> None:
+class Result:
+    def __init__(self, clients: Clients, detect: dict[str, float], elapsed: float) -> None:
+        self.clients, self.detect, self.elapsed = clients, detect, elapsed
+        phases = [p for p in clients.attempted if p.startswith(("restart", "back"))]
+        self.attempted = sum(clients.attempted[p] for p in phases)  # during the restarts
+        self.failed = sum(clients.failed[p] for p in phases)
+
+    def report(self, drain: float) -> None:
+        c = self.clients
+        print(f"\nfleet (drain_delay {drain} s): {self.attempted} requests attempted through "
+              f"HAProxy during the two host restarts, {self.failed} failed; "
+              f"{sum(c.attempted.values())} attempted in all over {self.elapsed:.1f} s, "
+              f"{sum(c.failed.values())} failed")
+        print("fleet: served per (phase, host):", dict(sorted(c.served.items())))
+        print("fleet: last answer from a host after its SIGTERM (s):",
+              {k: round(v, 3) for k, v in self.detect.items()})
+
+
+def restart_each_host(tmp_path: Path, env: dict[str, str], namespaces: list[Namespace],
+                      drain: float) -> Result:
+    """Two hosts behind HAProxy; under the client loops, each host in turn is
+    SIGTERMed, waited for (exit 0), started again and seen serving again."""
     haproxy = need_haproxy()
     path = script(tmp_path, HOST, "host.py")
-    hosts = [Host(path, env, ns, f"host{i}") for i, ns in enumerate(namespaces, 1)]
+    hosts = [Host(path, env, ns, f"host{i}", drain) for i, ns in enumerate(namespaces, 1)]
     port = free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(port=port, servers="\n".join(
@@ -329,23 +350,23 @@ def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str
                               stderr=subprocess.STDOUT)
         warm_up(port, [h.name for h in hosts], tmp_path / "haproxy.log")
         t_start = time.monotonic()
+        detect: dict[str, float] = {}
         with Clients(port) as clients:
             clients.wait_served("before", [h.name for h in hosts])
-            detect: dict[str, float] = {}
             for h in hosts:
                 clients.phase = f"restart {h.name}"
                 t_term = time.monotonic()
                 code, out = h.stop()
                 assert code == 0, out
                 assert f"stopped {h.name}" in out, out
-                with clients.lock:  # its last answer came within the drain
+                with clients.lock:
                     detect[h.name] = clients.last_seen[h.name] - t_term
                 h.start()
                 clients.phase = f"back {h.name}"  # until HAProxy has it up again
                 clients.wait_served(clients.phase, [h.name])
             clients.phase = "after"
             clients.wait_served("after", [h.name for h in hosts])
-        elapsed = time.monotonic() - t_start
+        return Result(clients, detect, time.monotonic() - t_start)
     finally:
         if lb is not None:
             lb.terminate()
@@ -357,19 +378,29 @@ def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str
         for h in hosts:
             h.kill()
         log.close()
-    restarts = [p for p in clients.attempted if p.startswith(("restart", "back"))]
-    attempted = sum(clients.attempted[p] for p in restarts)
-    failed = sum(clients.failed[p] for p in restarts)
-    print(f"\nfleet: {attempted} requests attempted through HAProxy during the two host "
-          f"restarts, {failed} failed; {sum(clients.attempted.values())} attempted in all "
-          f"over {elapsed:.1f} s, {sum(clients.failed.values())} failed")
-    print("fleet: served per (phase, host):", dict(sorted(clients.served.items())))
-    print("fleet: last answer from a host after its SIGTERM (s, drain_delay "
-          f"{DRAIN_DELAY}):", {k: round(v, 3) for k, v in detect.items()})
-    assert sum(clients.failed.values()) == 0, clients.errors[:10]
-    assert attempted >= 2 * MIN_SERVED
-    for h in hosts:  # both served before and after both restarts
-        assert clients.served["before", h.name] >= MIN_SERVED
-        assert clients.served["after", h.name] >= MIN_SERVED
-    # HAProxy stopped sending to each host before its drain ended (readyz failed first)
-    assert all(v < DRAIN_DELAY for v in detect.values()), detect
+
+
+def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str],
+                                              namespaces: list[Namespace]) -> None:
+    r = restart_each_host(tmp_path, env, namespaces, DRAIN_DELAY)
+    r.report(DRAIN_DELAY)
+    c = r.clients
+    assert sum(c.failed.values()) == 0, c.errors[:10]
+    assert r.attempted >= 2 * MIN_SERVED
+    for name in ("host1", "host2"):  # both served before and after both restarts
+        assert c.served["before", name] >= MIN_SERVED
+        assert c.served["after", name] >= MIN_SERVED
+    # HAProxy stopped sending to each host before its drain ended (/readyz failed first)
+    assert all(v < DRAIN_DELAY for v in r.detect.values()), r.detect
+
+
+def test_control_without_drain_requests_fail(tmp_path: Path, env: dict[str, str],
+                                             namespaces: list[Namespace]) -> None:
+    """The same restarts with drain_delay 0: a host stops accepting before
+    HAProxy's checks notice, and with retries off requests fail. Shows the
+    test above can fail, and what the drain is worth."""
+    r = restart_each_host(tmp_path, env, namespaces, 0.0)
+    r.report(0.0)
+    assert r.failed > 0
+    for name in ("host1", "host2"):
+        assert r.clients.served["after", name] >= MIN_SERVED
