@@ -21,7 +21,8 @@ the event loop is stuck). Who beats:
             and after each request it handles, while serve_forever() runs.
             A single-threaded server blocked in a handler stops beating; a
             ThreadingMixIn server keeps serving, and beating, beside a slow
-            request thread.
+            request thread. A poll_interval above timeout/2 is warned about:
+            an idle server would beat too rarely.
   main      cluster.run() in a worker's main thread (nothing else to do but
             wait for the disconnect): its wait, sliced.
 
