@@ -101,18 +101,19 @@ listen fleet
 """
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
+def sh(*args: str, check: bool = True, timeout: float = 60.0
+       ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check)
 
 
 def need_haproxy() -> str:
     path = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy")
     if not path and shutil.which("apt-get"):
         with contextlib.suppress(subprocess.SubprocessError, OSError):
-            inst = sh("apt-get", "install", "-y", "-q", "haproxy", check=False)
+            inst = sh("apt-get", "install", "-y", "-q", "haproxy", check=False, timeout=300)
             if inst.returncode != 0:  # the package lists may be missing: update once
-                sh("apt-get", "update", "-q", check=False)
-                sh("apt-get", "install", "-y", "-q", "haproxy", check=False)
+                sh("apt-get", "update", "-q", check=False, timeout=300)
+                sh("apt-get", "install", "-y", "-q", "haproxy", check=False, timeout=300)
         path = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy")
                                            and "/usr/sbin/haproxy")
     if not path:
