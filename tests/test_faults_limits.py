@@ -1,18 +1,19 @@
 """Resource exhaustion (issue E): RLIMIT_NOFILE lowered in the primary and
 in a worker, through the public API. Service degrades (connections shed or
-served elsewhere), never spins (CPU time from /proc over a quiet window),
-and recovers; nothing crashes.
+served elsewhere, a respawn put off), never spins (CPU time from /proc over
+a quiet window), and recovers; nothing crashes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
-from _faults import HTTP_SERVER, cpu_seconds, request
+from _faults import HTTP_SERVER, children, cpu_seconds, request, wait_until
 from _helpers import env, free_port, running, script  # noqa: F401
 
 PRIMARY_LOW = HTTP_SERVER + """
@@ -21,21 +22,31 @@ import resource, signal
 if cluster.is_primary:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
+    tight = []
+
     def tighten(*args):
         # no room at all: the lowest free fd number becomes the limit
         fd = os.open(os.devnull, os.O_RDONLY)
         os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+        tight.append(fd)
         os.write(1, b"tight\\n")
 
     def relax(*args):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        tight.clear()
         os.write(1, b"relaxed\\n")
+
+    def on_exit(w, code, sig):
+        print("exit", w.pid, code, sig, flush=True)
+        if tight:  # a dead worker's channels freed fds: take that room away too
+            tighten()
 
     signal.signal(signal.SIGUSR1, tighten)
     signal.signal(signal.SIGUSR2, relax)
+    cluster.setup_primary(respawn=True)
     cluster.on("message", lambda w, m: print(m, w.pid, flush=True))
-    cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
+    cluster.on("exit", on_exit)
     for _ in range(2):
         cluster.fork()
     cluster.run()
@@ -54,7 +65,7 @@ def test_primary_out_of_fds_sheds_backs_off_and_recovers(tmp_path: Path,
         results.append(request(port, timeout=20))
 
     with running(path, dict(env, PORT=str(port))) as r:
-        r.wait_for("serving", 2)
+        first = [int(ln.split()[1]) for ln in r.wait_for("serving", 2)]
         assert request(port)[0]
         r.signal(signal.SIGUSR1)
         r.wait_for("tight")
@@ -66,10 +77,17 @@ def test_primary_out_of_fds_sheds_backs_off_and_recovers(tmp_path: Path,
         time.sleep(1.0)
         exhausted_cpu = cpu_seconds(r.pid) - cpu0
         shed_while_tight = len(results)
+        os.kill(first[0], signal.SIGKILL)  # its replacement cannot be made without fds
+        r.wait_for(f"exit {first[0]} None SIGKILL")
+        r.wait_for("tight", 2)
+        r.wait_for("fastcluster: respawn failed", timeout=10)
         r.signal(signal.SIGUSR2)
         r.wait_for("relaxed")
         for t in burst:
             t.join(30)
+        # the replacement comes once fds are back; then both serve
+        assert wait_until(lambda: len(children(r.pid)) == 2, 10), children(r.pid)
+        r.wait_for("serving", 3, timeout=10)
         after = [request(port) for _ in range(50)]
         r.signal(signal.SIGTERM)
         code, out = r.finish(timeout=15)
@@ -79,10 +97,13 @@ def test_primary_out_of_fds_sheds_backs_off_and_recovers(tmp_path: Path,
     # every connection was served or shed (closed at once: an answer, not a hang)
     assert len(results) == 50
     assert set(shed) <= {"empty", "ConnectionResetError"}, shed
-    assert 1 <= len(shed) <= 20 and shed_while_tight == len(shed), (served, shed)
+    assert 1 <= shed_while_tight <= len(shed) <= 25, (served, shed)
     assert exhausted_cpu < 0.05, exhausted_cpu  # backs off, never spins
     assert all(ok for ok, _ in after), after
-    assert sorted(ln.split()[2:] for ln in out if ln.startswith("exit ")) == [["0", "None"]] * 2
+    assert len({pid for _, pid in after}) == 2 and str(first[0]) not in {p for _, p in after}
+    assert sorted(ln.split()[2:] for ln in out if ln.startswith("exit ")) == [
+        ["0", "None"], ["0", "None"], ["None", "SIGKILL"]]
+    assert "respawn failed" in "\n".join(out)
     print(f"primary EMFILE: 50 connections while out of fds, {len(shed)} shed, "
           f"{served} served once fds were back; 50 after, "
           f"{sum(not ok for ok, _ in after)} failed; primary CPU while exhausted "
