@@ -1,18 +1,21 @@
 """Respawn pacing for workers that die young (crash loops).
 
 Theory of operation: a worker that exits without being asked is replaced.
-If it lived less than `stable_after` seconds it counts as a crash; each
-crash in a row doubles the delay before the next replacement, from `first`
-up to `cap`, with +-`jitter` spread so that a fleet of primaries does not
-retry in step. A worker that lives past `stable_after` resets the streak.
-One pacer per worker slot's lineage (the id chain of replacements) would be
-finer; one per primary is what gunicorn and Node users expect, and it is
-what stops a broken deploy from becoming a fork bomb.
+If it lived `stable_after` seconds or more, at once (delay 0: the goal is a
+replacement accepting within milliseconds). If it lived less, it counts as
+a crash; each crash in a row doubles the delay before the next replacement,
+from `first` up to `cap`, with +-`jitter` spread so that a fleet of
+primaries does not retry in step. The streak resets when a worker that
+lived past `stable_after` exits, or when no crash came for `stable_after`
+seconds. One pacer per primary (not per worker lineage): with every worker
+failing at boot, the delays grow with each death whichever worker it was,
+so a broken deploy never becomes a fork bomb.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 
@@ -23,22 +26,32 @@ class Backoff:
     stable_after: float = 10.0
     jitter: float = 0.2
     streak: int = 0
+    last_crash: float = float("-inf")
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("first", "cap", "stable_after"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"backoff {name} must be a number > 0, got {value!r}")
+        self.configure(self.first, self.cap, self.stable_after)
         if not 0 <= self.jitter < 1:
             raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter!r}")
 
-    def on_exit(self, lifetime: float, asked: bool) -> float:
+    def configure(self, first: float, cap: float, stable_after: float) -> None:
+        for name, value in (("first", first), ("cap", cap), ("stable_after", stable_after)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not value > 0:
+                raise ValueError(f"backoff {name} must be a number > 0, got {value!r}")
+        self.first, self.cap, self.stable_after = float(first), float(max(cap, first)), \
+            float(stable_after)
+
+    def on_exit(self, lifetime: float, asked: bool, now: float | None = None) -> float:
         """Records a worker's exit; returns the delay before its replacement."""
+        now = time.monotonic() if now is None else now
+        if now - self.last_crash >= self.stable_after:
+            self.streak = 0  # calm for a stable period: the old streak is history
         if asked or lifetime >= self.stable_after:
             self.streak = 0
             return 0.0
         self.streak += 1
+        self.last_crash = now
         delay: float = min(self.cap, self.first * 2.0 ** (self.streak - 1))
         return delay * (1 + self._rng.uniform(-self.jitter, self.jitter))
 

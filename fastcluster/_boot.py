@@ -29,9 +29,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
+import pwd
 import runpy
 import signal
 import socket
@@ -123,6 +125,19 @@ def _target_ref(target: Callable[[], object]) -> str:
 
 # -- process preparation ------------------------------------------------------
 
+_preloaded = False
+
+
+def preload() -> None:
+    """In the primary, before the first fork: import what every forked worker
+    would import itself after the fork (the asyncio helpers, and asyncio and
+    ssl with them), once, so that workers share it copy-on-write and a
+    respawned worker does not spend milliseconds importing it."""
+    global _preloaded
+    if not _preloaded:
+        _preloaded = True
+        importlib.import_module(".aio", __package__)
+
 def die_with_parent(parent_pid: int) -> None:
     """First thing in a forked child: SIGKILL us when the primary dies."""
     if _libc is not None:
@@ -139,8 +154,28 @@ def prepare_process(cwd: str | None, uid: int | None, gid: int | None, silent: b
         os.close(devnull)
     if cwd is not None:
         os.chdir(cwd)
-    if (uid is not None or gid is not None) and os.geteuid() == 0:
-        os.setgroups([] if gid is None else [gid])
+    drop_privileges(uid, gid)
+
+
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """In the worker, after the fork (the primary bound the ports already):
+    supplementary groups, then the gid, then the uid: once the uid is
+    dropped the others can no longer be changed. With a uid and no gid, the
+    user's own group (from the password database) and its groups."""
+    if uid is None and gid is None:
+        return
+    user = None
+    if uid is not None:
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwuid(uid)
+    if gid is None and user is not None:
+        gid = user.pw_gid
+    if os.geteuid() == 0:
+        groups = [] if gid is None else [gid]
+        if user is not None and gid is not None:
+            with contextlib.suppress(OSError):
+                groups = os.getgrouplist(user.pw_name, gid)
+        os.setgroups(groups)
     if gid is not None:
         os.setgid(gid)
     if uid is not None:
@@ -263,6 +298,7 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
                  table: CounterTable, spec: MainSpec, cfg: Settings, env: dict[str, str],
                  settings: dict[str, Any]) -> int:
     """The fork child's main (after the primary's fds are closed)."""
+    gc.freeze()  # what the primary made stays shared: the worker's GC never walks it
     atexit._clear()  # the primary's handlers are not the worker's
     os.environ.pop(WORKER_ENV, None)
     os.environ.pop(BOOT_ENV, None)

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from . import _address, _boot
+from . import _address, _boot, _hooks, _systemd
 from ._backoff import Backoff
 from ._channel import ControlSocket
 from ._core import (
@@ -68,7 +68,11 @@ from ._health import Health
 from ._heartbeat import Watchdog
 from ._listener import Listener, NullTracker, SocketListener
 from ._protocol import Frame, encode, encode_message
+from ._ready import Ready
+from ._recycle import Recycler
 from ._registry import Registry
+from ._respawn import Respawner
+from ._rolling import Rolling
 from ._settings import Settings, check_env, defaults
 from ._timers import Timer, Timers
 
@@ -134,8 +138,11 @@ class Primary:
         self._stopping = False  # disconnect() or shutdown: no respawn
         self._shutdown: str | None = None  # None, "graceful" or "fast" (signals)
         self._disconnect_cbs: list[Callable[[], object]] = []
-        self._respawns_pending = 0
-        self._backoff = Backoff()
+        self._backoff = Backoff()  # crash-loop pacer (settings respawn_delay*)
+        self._respawner = Respawner(self)  # respawn (_respawn)
+        self._rolling = Rolling(self)  # HUP rolling restart, recycling's path (_rolling)
+        self._recycler = Recycler(self)  # max_requests, max_rss (_recycle)
+        self._ready = Ready(self)  # when_ready, sd_notify (_ready)
         self._watchdog = Watchdog(self)  # hang detection (setting `timeout`)
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
@@ -159,6 +166,9 @@ class Primary:
         self.health.configure(cfg)  # binds the `health` endpoint (OSError: nothing changed)
         self.cfg = cfg
         self._publish()
+        if any(name.startswith("respawn_") for name in updates):
+            self._backoff.configure(self.cfg.respawn_delay, self.cfg.respawn_delay_max,
+                                    self.cfg.respawn_stable)
         if self.dispatcher is not None:
             self.dispatcher.set_policy(_core_policy(self.cfg.policy))
         self.events.emit("setup", self.settings)
@@ -175,6 +185,7 @@ class Primary:
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
             self.registry = Registry(self._get_dispatcher)
+            self.registry.inherited = _systemd.listen_fds()  # socket activation
             atexit.register(self._atexit)
         return self.table, self.dispatcher, self.registry
 
@@ -200,11 +211,13 @@ class Primary:
         spawn = cfg.start_method == "spawn"
         spec = _boot.main_spec(cfg, spawn)
         table, dispatcher, _registry = self._ensure_core()
+        if not spawn:
+            _boot.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
         data_p, data_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctl_p, ctl_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            dispatcher.add_worker(slot, data_p.fileno())
+            dispatcher.add_worker(slot, data_p.fileno(), data_w.fileno())
         except BaseException:
             for s in (data_p, data_w, ctl_p, ctl_w):
                 s.close()
@@ -216,6 +229,7 @@ class Primary:
         proc = _Proc(worker, slot, extra)
         env = {**cfg.env, **extra}
         parent = os.getpid()
+        _hooks.call(cfg, "pre_fork", worker)
         _flush_stdio()
         try:
             pid = os.fork()
@@ -244,6 +258,7 @@ class Primary:
         self._by_slot[slot] = proc
         self._by_pid[pid] = proc
         self.workers[worker.id] = worker
+        self._recycler.on_spawn(proc)
         if not self._stopping:
             dispatcher.set_accepting(True)
         self._soon.append(lambda: self.events.emit("fork", worker))
@@ -259,6 +274,8 @@ class Primary:
         settings = dict(self.settings)
         ctl_p.close()
         self._drop_in_child()
+        proc.worker.pid = os.getpid()
+        _hooks.call(cfg, "post_fork", proc.worker)
         if spawn:
             _boot.exec_spawned(worker_id=proc.worker.id, slot=proc.slot,
                                ctl_fd=ctl_w.fileno(), data_fd=data_w.fileno(),
@@ -310,7 +327,7 @@ class Primary:
             self.registry.close_all()
 
     def _done(self) -> bool:
-        return not self.workers and not self._soon and self._respawns_pending == 0
+        return not self.workers and not self._soon and self._respawner.pending == 0
 
     def _loop(self) -> None:
         while True:
@@ -406,7 +423,7 @@ class Primary:
         self.shutdown(graceful=False)
 
     def handle_hup(self) -> None:
-        log.warning("fastcluster: SIGHUP (rolling restart) is not implemented yet; ignored")
+        self._rolling.hup()
 
     def handle_ttin(self) -> None:
         if self._shutdown is None:
@@ -422,6 +439,7 @@ class Primary:
         still alive after graceful_timeout. Not graceful: SIGKILL now."""
         self._shutdown = "graceful" if graceful else "fast"
         self._stopping = True
+        self._stop_supervising()
         if self.dispatcher is not None:
             self.dispatcher.set_accepting(False)
         for proc in list(self._procs.values()):
@@ -469,28 +487,19 @@ class Primary:
         w.exited_after_disconnect = bool(w.exited_after_disconnect)
         w.emit("exit", code, signame)
         self.events.emit("exit", w, code, signame)
-        self._maybe_respawn(proc)
+        _hooks.call(self.config(), "worker_exit", w, code, signame)
+        self._recycler.on_exit(proc)
+        if not self._rolling.on_exit(proc):
+            self._respawner.on_exit(proc, code, signame)
         if not self.workers:
             self._all_gone()
 
-    def _maybe_respawn(self, proc: _Proc) -> None:
-        cfg = self.config()
-        if not cfg.respawn or self._stopping or proc.worker.exited_after_disconnect:
-            return
-        delay = self._backoff.on_exit(time.monotonic() - proc.started, asked=False)
-        if self._backoff.crash_looping:
-            log.error("fastcluster: workers keep dying young; respawning every %.1f s", delay)
-        self._respawns_pending += 1
-
-        def again() -> None:
-            self._respawns_pending -= 1
-            if not self._stopping:
-                try:
-                    self._spawn(proc.env)
-                except Exception:
-                    log.exception("fastcluster: respawn failed")
-
-        self._timers.call_later(delay, again)
+    def _stop_supervising(self) -> None:
+        """Shutdown or disconnect(): no respawn, restart or recycling from now."""
+        self._respawner.cancel()
+        self._rolling.stop()
+        self._recycler.stop()
+        self._ready.stopping()
 
     def _all_gone(self) -> None:
         cbs, self._disconnect_cbs = self._disconnect_cbs, []
@@ -553,6 +562,7 @@ class Primary:
                     w.state = "online"
                     w.emit("online")
                     self.events.emit("online", w)
+                    self._rolling.on_online(proc)
             elif t == "listen":
                 self._on_listen(proc, frame)
             elif t == "listening":
@@ -560,6 +570,8 @@ class Primary:
                 w.state = "listening"
                 w.emit("listening", address)
                 self.events.emit("listening", w, address)
+                self._rolling.on_listening(proc, frame["address"])
+                self._ready.on_listening()
             elif t == "unlisten":
                 if self.registry is not None:
                     self.registry.unlisten(proc.slot, int(frame["lid"]))
@@ -662,6 +674,8 @@ class Primary:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {callback!r}")
         self._stopping = True
+        self._respawner.cancel()
+        self._rolling.stop()
         if self.dispatcher is not None:
             self.dispatcher.set_accepting(False)
         if callback is not None:

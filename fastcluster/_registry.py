@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _address
+from . import _address, _systemd
 from ._core import Dispatcher
 
 log = logging.getLogger("fastcluster")
@@ -60,6 +60,7 @@ class Registry:
         self._dispatcher = dispatcher
         self._by_key: dict[tuple[Any, ...], Bound] = {}
         self._all: list[Bound] = []
+        self.inherited: list[socket.socket] = []  # systemd's sockets, adopted by address
 
     def listen(self, slot: int, wire: Any, backlog: int, policy: str
                ) -> tuple[dict[str, Any], list[int]]:
@@ -102,6 +103,14 @@ class Registry:
         mode = "rr" if policy in ("rr", "least") else policy
         if mode == "reuseport" and family == socket.AF_UNIX:
             mode = "shared"  # no SO_REUSEPORT for Unix sockets: share the one we bind
+        inherited = _systemd.take(self.inherited, family, sockaddr)
+        if inherited is not None:  # bound and listening already (socket activation)
+            mode = "shared" if mode == "reuseport" else mode
+            bound = Bound(inherited, family, mode,
+                          _address.wire_of(family, inherited.getsockname()))
+            if mode == "rr":
+                bound.lid = self._dispatcher().add_listener(inherited.fileno())
+            return bound
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if family != socket.AF_UNIX:
@@ -159,4 +168,7 @@ class Registry:
                     pass
             bound.sock.close()
         self._all.clear()
+        for sock in self.inherited:
+            sock.close()
+        self.inherited.clear()
         self._by_key.clear()

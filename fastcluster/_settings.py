@@ -38,7 +38,10 @@ class Settings:
     silent: bool = False  # worker stdout/stderr to /dev/null
     uid: int | None = None  # dropped to in the worker after fork
     gid: int | None = None
-    respawn: bool = False  # replace workers that exit without being asked
+    respawn: bool = True  # replace workers that exit without being asked (in run())
+    respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
+    respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
+    respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
     graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
     timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see _heartbeat
     window: int = 128  # fds in flight per worker (C dispatcher)
@@ -46,6 +49,17 @@ class Settings:
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
     health: str | None = None  # "HOST:PORT" of /healthz and /readyz (_health); None: off
     drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
+    rolling_batch: int = 1  # workers replaced at once by a rolling restart (HUP)
+    ready_timeout: float = 30.0  # seconds a replacement gets to listen, else it is killed
+    max_requests: int = 0  # recycle a worker after this many requests (0: off)
+    max_requests_jitter: int = 0  # + random 0..jitter, so workers do not recycle in step
+    max_rss: int = 0  # recycle a worker whose resident memory passes this many bytes (0: off)
+    # hooks (gunicorn's): callables or None; one that raises is logged, never fatal
+    pre_fork: Callable[..., object] | None = None  # (worker), primary, before the fork
+    post_fork: Callable[..., object] | None = None  # (worker), in the worker, after the fork
+    worker_exit: Callable[..., object] | None = None  # (worker, code, signal), primary
+    on_reload: Callable[..., object] | None = None  # (), primary, on SIGHUP
+    when_ready: Callable[..., object] | None = None  # (), primary, once the workers listen
 
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -211,6 +225,19 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "backlog": _int_range(1, 1 << 20),
     "health": _health.check_address,
     "drain_delay": _health.check_delay,
+    "respawn_delay": _positive_float,
+    "respawn_delay_max": _positive_float,
+    "respawn_stable": _positive_float,
+    "rolling_batch": _int_range(1, 64),
+    "ready_timeout": _positive_float,
+    "max_requests": _int_range(0, 1 << 62),
+    "max_requests_jitter": _int_range(0, 1 << 62),
+    "max_rss": _int_range(0, 1 << 62),
+    "pre_fork": _target,
+    "post_fork": _target,
+    "worker_exit": _target,
+    "on_reload": _target,
+    "when_ready": _target,
 }
 
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
+
+from ._address import key_of
 
 SD_LISTEN_FDS_START = 3
 
@@ -50,3 +53,15 @@ def notify(state: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def take(socks: list[socket.socket], family: int, sockaddr: Any) -> socket.socket | None:
+    """Removes from socks and returns the one bound to sockaddr, if any."""
+    want = key_of(family, sockaddr)
+    for i, sock in enumerate(socks):
+        try:
+            if sock.family == family and key_of(family, sock.getsockname()) == want:
+                return socks.pop(i)
+        except OSError:
+            continue
+    return None

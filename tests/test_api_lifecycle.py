@@ -80,6 +80,7 @@ def test_ids_start_at_one_and_are_not_reused(tmp_path: Path,
         import fastcluster as cluster
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # Node's bare behaviour
             ids = [cluster.fork().id for _ in range(3)]
             cluster.on("exit", lambda w, code, sig: print("exit", w.id, code)
                        or (len(ids) < 5 and ids.append(cluster.fork().id)))
@@ -100,6 +101,7 @@ def test_worker_exit_code(tmp_path: Path, env: dict[str, str]) -> None:
         import fastcluster as cluster
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # Node's bare behaviour
             w = cluster.fork()
             w.on("disconnect", lambda: print("disconnect", w.state, w.exited_after_disconnect))
             w.on("exit", lambda code, sig: print("exit", code, sig, w.state,
@@ -121,6 +123,7 @@ def test_worker_uncaught_exception_exits_1(tmp_path: Path,
         import fastcluster as cluster
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # Node's bare behaviour
             cluster.fork()
             cluster.on("exit", lambda w, code, sig: print("exit", code, sig))
             cluster.run()
@@ -139,6 +142,7 @@ def test_worker_killed_by_signal(tmp_path: Path, env: dict[str, str]) -> None:
         import fastcluster as cluster
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # Node's bare behaviour
             w = cluster.fork()
             w.on("listening", lambda address: os.kill(w.pid, signal.SIGKILL))
             w.on("disconnect", lambda: print("disconnect", w.state, w.exited_after_disconnect))
@@ -239,7 +243,7 @@ def test_fork_env(tmp_path: Path, env: dict[str, str]) -> None:
         import fastcluster as cluster
 
         if cluster.is_primary:
-            cluster.setup_primary(env={"FROM_SETTINGS": "s", "SHARED": "settings"})
+            cluster.setup_primary(respawn=False, env={"FROM_SETTINGS": "s", "SHARED": "settings"})
             w = cluster.fork({"cluster_test_prop": "custom", "SHARED": "fork"})
             w.on("message", print)
             cluster.run()
@@ -428,7 +432,7 @@ def test_target_and_exec(tmp_path: Path, env: dict[str, str]) -> None:
             cluster.worker.send(["target", sys.argv[1:]])
 
         if cluster.is_primary:
-            cluster.setup_primary(target=main)
+            cluster.setup_primary(target=main, respawn=False)
             cluster.fork()
             cluster.setup_primary(target=None, exec="other.py", args=["x"])
             cluster.fork()
@@ -450,6 +454,7 @@ def test_worker_without_handles_exits_when_main_returns(tmp_path: Path,
         import fastcluster as cluster
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # Node's bare behaviour
             t0 = time.monotonic()
             a = cluster.fork({"KEEP": ""})
             b = cluster.fork({"KEEP": "1"})

@@ -114,6 +114,7 @@ def test_invalid_messages_do_not_hurt_the_primary(tmp_path: Path,
                        if os.path.realpath(f"/proc/self/fd/{fd}") == os.devnull)
 
         if cluster.is_primary:
+            cluster.setup_primary(respawn=False)  # the killed worker stays dead here
             fds = {}
             def on_message(w, m):
                 print("message", w.id, m, flush=True)

@@ -72,6 +72,7 @@ def misbehave(mode):
     os._exit(9)  # not reached when the primary kills us
 
 if cluster.is_primary:
+    cluster.setup_primary(respawn=False)  # each bad worker is killed once, not replaced
     good = cluster.fork({"MODE": "good"})
     todo = list(MODES)
     errors = {}
@@ -301,3 +302,91 @@ def test_misbehaving_clients_do_not_disturb_the_dispatcher(tmp_path: Path,
           f"requests meanwhile, {sum(load.failed.values())} failed; primary fds "
           f"{fds_before} -> {fds_after}; primary CPU with {counts['idle']} idle "
           f"connections: {idle_cpu:.3f} s over 1 s")
+
+
+FIELDS = HTTP_SERVER + """
+import json, struct
+from fastcluster import _role
+
+FRAMES = [
+    {"t": "msg"},                                              # no "d"
+    {"t": "msg", "d": 1, "nfds": "x"},
+    {"t": "online", "pid": "x", "extra": [1]},
+    {"t": "listen", "req": "x", "address": ["127.0.0.1", 0]},
+    {"t": "listen", "req": 1, "address": ["::1", 0, 2 ** 70, 0]},   # flowinfo overflows
+    {"t": "listen", "req": 2, "address": ["::1", 0, -1, 0]},
+    {"t": "listen", "req": 3, "address": "/nonexistent/dir/sock", "backlog": 10 ** 30},
+    {"t": "listen", "req": 4, "address": "x" * 300},                 # path too long
+    {"t": "listen", "req": 5, "address": ["127.0.0.1\\u0000", 0]},
+    {"t": "listen", "req": 6, "address": ["256.1.1.1", 0]},
+    {"t": "listen", "req": 7, "address": ["localhost", 0, 0]},
+    {"t": "listen", "req": 8, "address": ["", 99999]},
+    {"t": "listen", "req": 9, "address": {"host": "x"}},
+    {"t": "listen", "req": 10, "address": None, "backlog": True},
+    {"t": "listen", "req": 2 ** 80, "address": 7},
+    {"t": "listening", "address": {"a": 1}},
+    {"t": "listening", "address": ["h", "not a port"]},
+    {"t": "unlisten", "lid": "abc"},
+    {"t": "unlisten", "lid": 10 ** 30},
+    {"t": "unlisten", "lid": -1},
+    {"t": "unlisten"},
+    {"t": "disconnecting", "x": 1},
+    {"t": ""},
+    {"t": "x" * 100000},
+]
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+if cluster.is_primary:
+    good = cluster.fork({"ROLE": "good"})
+    errors = []
+    def on_message(w, m):
+        print("message", m, w.pid, flush=True)
+        if m == "serving":
+            bad = cluster.fork({"ROLE": "bad"})
+            bad.on("error", lambda e: errors.append(type(e).__name__))
+        elif m == "ready":
+            baseline.append(fds())
+            w.send("go")
+        elif m == "sent":
+            print("errors", len(errors), set(errors), flush=True)
+            print("fds kept", fds() - baseline[0], flush=True)
+            w.disconnect()
+    baseline = []
+    cluster.on("message", on_message)
+    cluster.run()
+else:
+    if os.environ["ROLE"] == "good":
+        serve_http(int(os.environ["PORT"]))
+    else:
+        ctl = _role.runtime.ctl
+        import threading
+        go = threading.Event()
+        cluster.worker.on("message", lambda m: go.set())
+        cluster.worker.send("ready")
+        go.wait(10)
+        with ctl.lock:
+            ctl.sock.setblocking(True)
+            for f in FRAMES:
+                body = json.dumps(f).encode()
+                ctl.sock.sendall(struct.pack(">I", len(body)) + body)
+            ctl.sock.setblocking(False)
+        cluster.worker.send("sent")
+        cluster.run()
+"""
+
+
+def test_well_formed_frames_with_bad_fields(tmp_path: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, FIELDS), dict(env, PORT=str(port))) as r:
+        r.wait_for("message sent", timeout=15)
+        ok, _pid = request(port)
+        assert ok
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    errors = [ln for ln in out if ln.startswith("errors ")]
+    assert errors and errors[0].endswith("{'ProtocolError'}"), out
+    assert "fds kept 0" in out, "\n".join(out)
+    assert not [ln for ln in out if "Traceback" in ln], out

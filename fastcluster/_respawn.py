@@ -1,0 +1,83 @@
+"""Respawn: replacing workers that exit without being asked.
+
+Theory of operation: at reap, a worker that exits with respawn on, the
+cluster not stopping and its exit not asked for (kill(), disconnect(), a
+rolling restart, a shutdown) gets a replacement with the same fork(env=...)
+extras. A worker that lived `respawn_stable` seconds is replaced right there,
+inside the reap, with no timer in between: the replacement is forked within
+the same loop turn that saw the SIGCHLD. One that died younger goes through
+the crash-loop pacer (_backoff.py): a timer with a growing delay, and a log
+line that says what happens (an error once the crashes repeat, so a worker
+that cannot boot is reported, not silently retried). Pending replacements are
+cancelled when the cluster stops, so SIGTERM during a long backoff exits at
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ._timers import Timer
+
+if TYPE_CHECKING:
+    from ._primary import Primary, _Proc
+
+log = logging.getLogger("fastcluster")
+
+LOUD_AFTER = 3  # crashes in a row after which each one is logged as an error
+
+
+class Respawner:
+    def __init__(self, primary: Primary) -> None:
+        self.p = primary
+        self._pending: list[Timer] = []
+
+    @property
+    def pending(self) -> int:
+        self._pending = [t for t in self._pending if not t.cancelled]
+        return len(self._pending)
+
+    def cancel(self) -> None:
+        for t in self._pending:
+            t.cancel()
+        self._pending.clear()
+
+    def on_exit(self, proc: _Proc, code: int | None, signame: str | None) -> None:
+        p = self.p
+        if not p.config().respawn or p._stopping or proc.worker.exited_after_disconnect:
+            return
+        lifetime = time.monotonic() - proc.started
+        backoff = p._backoff
+        delay = backoff.on_exit(lifetime, asked=False)
+        if delay <= 0:
+            self.spawn(proc.env)
+            return
+        how = f"signal {signame}" if signame else f"code {code}"
+        if backoff.streak >= LOUD_AFTER:
+            log.error("fastcluster: worker %d (pid %d) exited (%s) %.2f s after it started; "
+                      "%d workers in a row died within %.0f s: is the worker's main failing "
+                      "at boot? next respawn in %.2f s (backoff up to %.0f s)",
+                      proc.worker.id, proc.worker.pid, how, lifetime, backoff.streak,
+                      backoff.stable_after, delay, backoff.cap)
+        else:
+            log.warning("fastcluster: worker %d (pid %d) exited (%s) %.2f s after it started; "
+                        "respawning in %.2f s", proc.worker.id, proc.worker.pid, how,
+                        lifetime, delay)
+        self.later(delay, proc.env)
+
+    def later(self, delay: float, env: dict[str, str]) -> None:
+        def again() -> None:
+            if not self.p._stopping:
+                self.spawn(env)
+
+        self._pending.append(self.p._timers.call_later(delay, again))
+
+    def spawn(self, env: dict[str, str]) -> None:
+        try:
+            self.p._spawn(env)
+        except Exception:
+            delay = self.p._backoff.on_exit(0.0, asked=False)
+            log.exception("fastcluster: respawn failed; trying again in %.2f s", delay)
+            self.later(delay, env)
