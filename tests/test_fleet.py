@@ -12,6 +12,12 @@ drain_delay (longer than HAProxy needs to mark it down), then shuts down
 gracefully; so HAProxy never sends a request to a host that stopped
 accepting. HAProxy's retries are off and no redispatch is set: a request
 sent to a stopped host would be counted failed, not retried elsewhere.
+HAProxy names the host that answered in a response header (X-Fleet-Host).
+
+Hosts are either a script on the public API (http.server, one request per
+connection) or `fastcluster run` serving an ASGI app with keep-alive to
+HAProxy (the deploy/ recipe). A control case restarts the same hosts with
+drain_delay 0 and must see failed requests: the zero above is the drain's.
 
 Skipped, with the reason, when not root, when `ip netns` is not permitted,
 or when HAProxy is missing and `apt-get install -y haproxy` cannot get it.
@@ -97,6 +103,7 @@ listen fleet
     http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host health
     http-check expect status 200
     default-server inter 200ms fastinter 200ms downinter 200ms fall 2 rise 2
+    http-response set-header X-Fleet-Host %[srv_name]
 {servers}
 """
 
@@ -185,20 +192,32 @@ def namespaces() -> Iterator[list[Namespace]]:
 
 
 class Host:
-    """One fastcluster primary (2 workers) inside a namespace."""
+    """One fastcluster primary (2 workers) inside a namespace: the HOST
+    script above (kind "api"), or `fastcluster run` serving the ASGI test
+    app with keep-alive, as in deploy/ (kind "cli")."""
 
     def __init__(self, path: Path, env: dict[str, str], ns: Namespace, name: str,
-                 drain: float) -> None:
+                 drain: float, kind: str) -> None:
         self.path, self.env, self.ns, self.name, self.drain = path, env, ns, name, drain
+        self.kind = kind
         self.run: Running | None = None
-        self.pid = 0
 
     def start(self) -> None:
-        argv = ("ip", "netns", "exec", self.ns.name, sys.executable, str(self.path), self.name,
-                self.ns.ip, str(self.drain), str(APP_PORT), str(HEALTH_PORT))
-        self.run = _RunningArgv(argv, self.env, self.path.parent)
-        line = self.run.wait_for(f"ready {self.name}", timeout=15)[0]
-        self.pid = int(line.split()[2])
+        netns = ("ip", "netns", "exec", self.ns.name, sys.executable)
+        if self.kind == "api":
+            argv = (*netns, str(self.path), self.name, self.ns.ip, str(self.drain),
+                    str(APP_PORT), str(HEALTH_PORT))
+            self.run = _RunningArgv(argv, self.env, self.path.parent)
+            self.run.wait_for(f"ready {self.name}", timeout=15)
+            return
+        tests = Path(__file__).resolve().parent
+        env = {k: v for k, v in self.env.items() if not k.startswith("FASTCLUSTER_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests)])
+        argv = (*netns, "-m", "fastcluster", "run", "cli_apps:asgi_app", "--workers", "2",
+                "--bind", f"{self.ns.ip}:{APP_PORT}", "--health", f"{self.ns.ip}:{HEALTH_PORT}",
+                "--drain-delay", str(self.drain), "--status-socket", "off")
+        self.run = _RunningArgv(argv, env, tests)
+        self.run.wait_containing(") listening on ", 2, timeout=15)
 
     def stop(self) -> tuple[int, list[str]]:
         assert self.run is not None
@@ -228,6 +247,14 @@ class _RunningArgv(Running):
         self._buf = b""
         self._eof = False
         self.seen = []
+
+    def wait_containing(self, text: str, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(text in ln for ln in self.seen) < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.readline(left) is None:
+                raise AssertionError(f"waited for {count} x {text!r}; output so far:\n"
+                                     + "\n".join(self.seen))
 
 
 class Clients:
@@ -264,10 +291,12 @@ class Clients:
             while chunk := s.recv(4096):
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1:2]
-        if not head.startswith(b"HTTP/1.") or status != [b"200"] or not body.startswith(b"host"):
+        lines = head.decode("latin-1").split("\r\n")
+        fields = dict(ln.lower().split(": ", 1) for ln in lines[1:] if ": " in ln)
+        host = fields.get("x-fleet-host", "")
+        if lines[0].split(" ")[1:2] != ["200"] or not host or not body:
             raise ValueError(f"bad answer {data[:200]!r}")
-        return body.split()[0].decode()
+        return host
 
     def _loop(self) -> None:
         deadline = time.monotonic() + MAX_SECONDS
@@ -318,10 +347,10 @@ class Result:
         self.attempted = sum(clients.attempted[p] for p in phases)  # during the restarts
         self.failed = sum(clients.failed[p] for p in phases)
 
-    def report(self, drain: float) -> None:
+    def report(self, drain: float, kind: str) -> None:
         c = self.clients
-        print(f"\nfleet (drain_delay {drain} s): {self.attempted} requests attempted through "
-              f"HAProxy during the two host restarts, {self.failed} failed; "
+        print(f"\nfleet ({kind} hosts, drain_delay {drain} s): {self.attempted} requests "
+              f"attempted through HAProxy during the two host restarts, {self.failed} failed; "
               f"{sum(c.attempted.values())} attempted in all over {self.elapsed:.1f} s, "
               f"{sum(c.failed.values())} failed")
         print("fleet: served per (phase, host):", dict(sorted(c.served.items())))
@@ -330,12 +359,13 @@ class Result:
 
 
 def restart_each_host(tmp_path: Path, env: dict[str, str], namespaces: list[Namespace],
-                      drain: float) -> Result:
+                      drain: float, kind: str) -> Result:
     """Two hosts behind HAProxy; under the client loops, each host in turn is
     SIGTERMed, waited for (exit 0), started again and seen serving again."""
     haproxy = need_haproxy()
     path = script(tmp_path, HOST, "host.py")
-    hosts = [Host(path, env, ns, f"host{i}", drain) for i, ns in enumerate(namespaces, 1)]
+    hosts = [Host(path, env, ns, f"host{i}", drain, kind)
+             for i, ns in enumerate(namespaces, 1)]
     port = free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(port=port, servers="\n".join(
@@ -359,7 +389,8 @@ def restart_each_host(tmp_path: Path, env: dict[str, str], namespaces: list[Name
                 t_term = time.monotonic()
                 code, out = h.stop()
                 assert code == 0, out
-                assert f"stopped {h.name}" in out, out
+                last = f"stopped {h.name}" if kind == "api" else " stopped"
+                assert any(ln.endswith(last) for ln in out), out  # the primary's last word
                 with clients.lock:
                     detect[h.name] = clients.last_seen[h.name] - t_term
                 h.start()
@@ -381,10 +412,13 @@ def restart_each_host(tmp_path: Path, env: dict[str, str], namespaces: list[Name
         log.close()
 
 
+@pytest.mark.parametrize("kind", ["api", "cli"])
 def test_rolling_host_restarts_behind_haproxy(tmp_path: Path, env: dict[str, str],
-                                              namespaces: list[Namespace]) -> None:
-    r = restart_each_host(tmp_path, env, namespaces, DRAIN_DELAY)
-    r.report(DRAIN_DELAY)
+                                              namespaces: list[Namespace], kind: str) -> None:
+    if kind == "cli":
+        pytest.importorskip("uvicorn", reason="the CLI serves ASGI with uvicorn's protocols")
+    r = restart_each_host(tmp_path, env, namespaces, DRAIN_DELAY, kind)
+    r.report(DRAIN_DELAY, kind)
     c = r.clients
     assert sum(c.failed.values()) == 0, c.errors[:10]
     assert r.attempted >= 2 * MIN_SERVED
@@ -400,8 +434,8 @@ def test_control_without_drain_requests_fail(tmp_path: Path, env: dict[str, str]
     """The same restarts with drain_delay 0: a host stops accepting before
     HAProxy's checks notice, and with retries off requests fail. Shows the
     test above can fail, and what the drain is worth."""
-    r = restart_each_host(tmp_path, env, namespaces, 0.0)
-    r.report(0.0)
+    r = restart_each_host(tmp_path, env, namespaces, 0.0, "api")
+    r.report(0.0, "api")
     assert r.failed > 0
     for name in ("host1", "host2"):
         assert r.clients.served["after", name] >= MIN_SERVED
