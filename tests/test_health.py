@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ if cluster.is_primary:
     cluster.setup_primary(health=HEALTH, drain_delay=DRAIN, graceful_timeout=5.0)
     cluster.on("listening", lambda w, a: facts("listening"))
     cluster.on("disconnect", lambda w: facts("disconnect"))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.id, flush=True))
     for _ in range(2):
         cluster.fork()
     facts("forked")
@@ -185,6 +187,45 @@ def test_slow_and_garbage_health_clients_do_not_stall(tmp_path: Path,
         r.signal(signal.SIGTERM)
         code, out = r.finish(timeout=10)
     assert code == 0, out
+
+
+def test_ready_throughout_a_rolling_restart(tmp_path: Path, env: dict[str, str]) -> None:
+    """SIGHUP replaces every worker one by one: /readyz never fails meanwhile."""
+    path = script(tmp_path, HOST)
+    (tmp_path / "go").touch()
+    app, health = free_port(), free_port()
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        for _ in range(2000):  # bounded: count and (below) time
+            if stop.is_set():
+                return
+            try:
+                answers.append(get(health, "/readyz"))
+            except OSError as e:
+                answers.append((0, repr(e)))
+            time.sleep(0.01)
+
+    with running(path, env, (str(app), f"127.0.0.1:{health}", "0")) as r:
+        r.wait_for("listening", 2)
+        wait_status(health, "/readyz", 200)
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            time.sleep(0.1)
+            r.signal(signal.SIGHUP)
+            r.wait_for("listening", 4, timeout=15)  # two replacements listen
+            r.wait_for("exit", 2, timeout=15)  # and the two old workers are gone
+            time.sleep(0.1)
+        finally:
+            stop.set()
+            poller.join(10)
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=10)
+    assert code == 0, out
+    assert len(answers) >= 10
+    assert set(answers) == {(200, "ready\n")}, [a for a in answers if a[0] != 200][:5]
 
 
 def test_health_address_in_use_is_a_clear_error(tmp_path: Path, env: dict[str, str]) -> None:
