@@ -97,8 +97,8 @@ def _fail(message: str) -> int:
 
 def _check_bind(address: Any) -> str | None:
     """Binds the TCP address once (and lets go) for a clear error before forking."""
-    if isinstance(address, str):
-        return None
+    if isinstance(address, str) or os.environ.get("LISTEN_PID") == str(os.getpid()):
+        return None  # (socket activation: systemd bound it, the primary adopts it)
     try:
         infos = socket.getaddrinfo(address[0], address[1], socket.AF_UNSPEC,
                                    socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
