@@ -49,3 +49,8 @@ async def failing_startup(scope: dict[str, Any], receive: Any, send: Any) -> Non
     if scope["type"] == "lifespan":
         await receive()
         await send({"type": "lifespan.startup.failed", "message": "no database (on purpose)"})
+
+
+def make_wsgi_app() -> Any:
+    """An app factory (`--factory`): called once in each worker."""
+    return wsgi_app

@@ -280,6 +280,19 @@ def test_settings_from_config_file_env_and_flags(fastcluster_server: Any,
     assert '"GET /logged HTTP/1.1" 200' in server.log()  # access_log from the file
 
 
+def test_factory_preloaded_in_the_primary_and_asgi_access_log(fastcluster_server: Any
+                                                               ) -> None:
+    server = fastcluster_server("cli_apps:make_wsgi_app", workers=2,
+                                args=("--factory", "--preload"))
+    status, body = get(server, "/made")
+    assert status == 200 and body.startswith("wsgi ")
+    assert server.stop() == 0
+    server = fastcluster_server("cli_apps:asgi_app", workers=1, args=("--access-log",))
+    assert get(server, "/seen")[0] == 200
+    assert server.stop() == 0
+    assert '"GET /seen HTTP/1.1" 200' in server.log()
+
+
 def test_help_lists_every_setting_and_bad_values_are_named() -> None:
     from fastcluster._cli_options import OPTIONS
 
