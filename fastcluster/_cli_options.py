@@ -174,6 +174,14 @@ OPTIONS: tuple[Option, ...] = (
            "auto|on|off"),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
            "ASGI: seconds an idle keep-alive connection stays open", "S"),
+    Option("root_path", _text, "", "ASGI: the root_path in each request's scope (the "
+           "app is mounted below this URL prefix by a proxy)", "PATH"),
+    Option("forwarded_allow_ips", _text, "127.0.0.1",
+           "ASGI: comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted",
+           "IPS"),
+    Option("ssl_certfile", _text, "", "ASGI: serve TLS with this certificate (PEM)", "FILE"),
+    Option("ssl_keyfile", _text, "", "ASGI: the certificate's private key (PEM; default: "
+           "in the certificate file)", "FILE"),
     Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N"),
     Option("client_timeout", _seconds, 30.0,
            "WSGI: seconds a thread waits for a client to send its request", "S"),

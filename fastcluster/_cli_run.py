@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import socket
+import ssl
 import sys
 from typing import Any
 
@@ -50,6 +51,7 @@ class WorkerPlan:
     interface: str  # "asgi" or "wsgi"
     address: Any
     settings: dict[str, Any]
+    ssl: ssl.SSLContext | None = None  # made in the primary (a clear error there)
 
 
 _plan: WorkerPlan | None = None
@@ -71,7 +73,9 @@ def worker_main() -> None:
     if plan.interface == "asgi":
         code = asgi.serve(app, plan.address, http=s["http"], loop=s["loop"],
                           lifespan=s["lifespan"], access_log=s["access_log"],
-                          timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"])
+                          timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"],
+                          ssl=plan.ssl, root_path=s["root_path"],
+                          forwarded_allow_ips=s["forwarded_allow_ips"])
     else:
         code = wsgi.serve(app, plan.address, threads=s["threads"],
                           client_timeout=s["client_timeout"], access_log=s["access_log"],
@@ -109,6 +113,25 @@ def _check_bind(address: Any) -> str | None:
     except OSError as e:
         return f"cannot listen on {address[0]}:{address[1]} (--bind): {e.strerror or e}"
     return None
+
+
+def _tls_context(settings: dict[str, Any], interface: str) -> ssl.SSLContext | None:
+    certfile, keyfile = settings["ssl_certfile"], settings["ssl_keyfile"]
+    if not certfile:
+        if keyfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        return None
+    if interface != "asgi":
+        raise ValueError("TLS (--ssl-certfile) is served for ASGI apps only; put a TLS "
+                         "proxy in front of a WSGI app")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(certfile, keyfile or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--ssl-certfile {certfile!r}"
+                         + (f" / --ssl-keyfile {keyfile!r}" if keyfile else "")
+                         + f": cannot load the certificate and key: {e}") from None
+    return ctx
 
 
 def _show(address: Any) -> str:
@@ -175,7 +198,11 @@ def run(settings: dict[str, Any]) -> int:
     problem = _check_bind(address)
     if problem is not None:
         return _fail(problem)
-    _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings)
+    try:
+        tls = _tls_context(settings, interface)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return _fail(str(e))
+    _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings, tls)
     try:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
                               respawn=settings["respawn"],

@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import ssl as _ssl
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
@@ -90,7 +91,8 @@ def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
           lifespan: str = "auto", access_log: bool = False, timeout_keep_alive: int = 5,
-          backlog: int | None = None, **uvicorn_options: Any) -> int:
+          backlog: int | None = None, ssl: _ssl.SSLContext | None = None,
+          **uvicorn_options: Any) -> int:
     """Serves app on a cluster address until the worker is disconnected (or
     SIGTERM); returns 0, or BOOT_ERROR if the lifespan startup failed or
     the address could not be listened on. uvicorn_options go to uvicorn.Config."""
@@ -100,7 +102,8 @@ def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
     try:
         return ev_loop.run_until_complete(_serve(
             app, address, http=http, lifespan=lifespan, access_log=access_log,
-            timeout_keep_alive=timeout_keep_alive, backlog=backlog, options=uvicorn_options))
+            timeout_keep_alive=timeout_keep_alive, backlog=backlog, ssl=ssl,
+            options=uvicorn_options))
     finally:
         with contextlib.suppress(Exception):
             ev_loop.run_until_complete(ev_loop.shutdown_asyncgens())
@@ -109,7 +112,8 @@ def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
 
 
 async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log: bool,
-                 timeout_keep_alive: int, backlog: int | None, options: dict[str, Any]) -> int:
+                 timeout_keep_alive: int, backlog: int | None, ssl: _ssl.SSLContext | None,
+                 options: dict[str, Any]) -> int:
     import uvicorn
     from uvicorn.lifespan.off import LifespanOff
     from uvicorn.lifespan.on import LifespanOn
@@ -136,7 +140,7 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
     ticker = _Ticker(config, state)
     headers = loop.create_task(ticker.run())
     try:
-        server = await aio.create_server(factory, address, backlog=backlog)
+        server = await aio.create_server(factory, address, backlog=backlog, ssl=ssl)
     except OSError as e:
         headers.cancel()
         log.error("fastcluster: worker pid %s cannot listen on %r: %s", os.getpid(), address, e)
