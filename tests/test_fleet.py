@@ -19,6 +19,11 @@ connection) or `fastcluster run` serving an ASGI app with keep-alive to
 HAProxy (the deploy/ recipe). A control case restarts the same hosts with
 drain_delay 0 and must see failed requests: the zero above is the drain's.
 
+Below those: deploy/'s files pass their tools (haproxy -c, systemd-analyze
+verify, a YAML reader) and their delays add up; the systemd socket+service
+pair is played by systemd-socket-activate (socket activation, READY=1,
+drain, STOPPING=1).
+
 Skipped, with the reason, when not root, when `ip netns` is not permitted,
 or when HAProxy is missing and `apt-get install -y haproxy` cannot get it.
 Everything the test starts is stopped and the namespaces deleted in
@@ -439,3 +444,164 @@ def test_control_without_drain_requests_fail(tmp_path: Path, env: dict[str, str]
     assert r.failed > 0
     for name in ("host1", "host2"):
         assert r.clients.served["after", name] >= MIN_SERVED
+
+
+# -- deploy/: the files are valid for their tools and their delays add up -------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def unit_values(path: Path) -> dict[str, list[str]]:
+    """Key=Value lines of a systemd unit (keys may repeat), comments skipped."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for suffix in ("ms", "s", "m"):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def test_deploy_haproxy_cfg_is_valid_and_detects_before_the_drain_ends() -> None:
+    haproxy = need_haproxy()
+    cfg = DEPLOY / "haproxy" / "haproxy.cfg"
+    check = sh(haproxy, "-c", "-f", str(cfg), check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    words = [w for ln in cfg.read_text().splitlines() for w in ln.split("#", 1)[0].split()]
+    inter, fall = seconds(words[words.index("inter") + 1]), int(words[words.index("fall") + 1])
+    timeout_check = seconds(words[words.index("check", words.index("timeout")) + 1])
+    assert "/readyz" in words and words[words.index("port") + 1] == "8081"
+    service = unit_values(DEPLOY / "systemd" / "myapp.service")
+    env_vars = dict(v.split("=", 1) for v in service["Environment"])
+    drain = float(env_vars["FASTCLUSTER_DRAIN_DELAY"])
+    assert fall * inter + timeout_check < drain, (fall, inter, timeout_check, drain)
+
+
+def test_deploy_systemd_units_verify_and_stop_in_time(tmp_path: Path) -> None:
+    service = unit_values(DEPLOY / "systemd" / "myapp.service")
+    socket_unit = unit_values(DEPLOY / "systemd" / "myapp.socket")
+    assert service["Type"] == ["notify"] and service["KillMode"] == ["mixed"]
+    env_vars = dict(v.split("=", 1) for v in service["Environment"])
+    drain = float(env_vars["FASTCLUSTER_DRAIN_DELAY"])
+    graceful = float(env_vars["FASTCLUSTER_GRACEFUL_TIMEOUT"])
+    assert drain + graceful < seconds(service["TimeoutStopSec"][0])
+    bind = service["ExecStart"][0].split("--bind ")[1].split()[0]
+    assert socket_unit["ListenStream"] == [bind]  # the primary adopts it by address
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed: units not verified")
+    for name in ("myapp.socket", "myapp.service"):  # ExecStart's venv does not exist here
+        text = (DEPLOY / "systemd" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/srv/myapp/venv/bin/fastcluster",
+                                                  shutil.which("true") or "/bin/true"))
+    out = sh("systemd-analyze", "verify", str(tmp_path / "myapp.socket"),
+             str(tmp_path / "myapp.service"), check=False)
+    problems = [ln for ln in (out.stdout + out.stderr).splitlines() if "myapp" in ln]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_deploy_kubernetes_probes_and_grace_period() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the manifest")
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "myapp.yaml").read_text()))
+    deployment, service = docs
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env_vars = {e["name"]: e["value"] for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    health_port = int(env_vars["FASTCLUSTER_HEALTH"].rsplit(":", 1)[1])
+    bind_port = int(env_vars["FASTCLUSTER_BIND"].rsplit(":", 1)[1])
+    assert ports == {"http": bind_port, "health": health_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["command"][:2] == ["fastcluster", "run"]  # exec form: SIGTERM to PID 1
+    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    drain = float(env_vars["FASTCLUSTER_DRAIN_DELAY"])
+    graceful = float(env_vars["FASTCLUSTER_GRACEFUL_TIMEOUT"])
+    assert pre_stop + drain + graceful < pod["terminationGracePeriodSeconds"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_systemd_socket_activation_notify_and_drain(tmp_path: Path, env: dict[str, str]
+                                                    ) -> None:
+    """deploy/systemd's pair, played by systemd-socket-activate: it binds the
+    port and starts `fastcluster run` on the first connection, which waits in
+    the backlog and is served; READY=1 once the workers listen; SIGTERM:
+    /readyz fails, STOPPING=1, exit 0."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate (package systemd) is not installed")
+    tests = Path(__file__).resolve().parent
+    run_env = {k: v for k, v in env.items() if not k.startswith("FASTCLUSTER_")}
+    run_env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests)])
+    run_env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    port, health = free_port(), free_port()
+    argv = [activate, "-E", "PYTHONPATH", "-E", "NOTIFY_SOCKET", "-l", f"127.0.0.1:{port}",
+            sys.executable, "-m", "fastcluster", "run", "cli_apps:wsgi_app", "--workers", "2",
+            "--bind", f"127.0.0.1:{port}", "--health", f"127.0.0.1:{health}",
+            "--drain-delay", "1", "--status-socket", "off"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
+            open(tmp_path / "out", "w+") as out:
+        notify.bind(run_env["NOTIFY_SOCKET"])
+        notify.settimeout(15)
+        proc = subprocess.Popen(argv, cwd=tests, env=run_env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # until systemd-socket-activate listens; then this starts the app
+                try:
+                    first = socket.create_connection(("127.0.0.1", port), timeout=15)
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                    time.sleep(0.02)
+            with first:
+                first.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := first.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0]
+            assert answer.endswith(b" /first\n")  # waited in the backlog, then served
+            ready = notify.recv(4096).decode()
+            assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready, ready
+            status, _h, _b = http_get_status(health, "/readyz")
+            assert status == 200
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            while http_get_status(health, "/readyz")[0] == 200:  # the signal is on its way
+                assert time.monotonic() < deadline, "/readyz still 200 after SIGTERM"
+                time.sleep(0.01)
+            status, _h, body = http_get_status(health, "/readyz")
+            assert (status, body) == (503, b"not ready: draining\n")
+            assert http_get_status(port, "/during-drain")[0] == 200  # still served
+            said = [notify.recv(4096).decode()]
+            assert proc.wait(15) == 0
+            notify.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    said.append(notify.recv(4096).decode())
+            assert "STOPPING=1" in said, said
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            out.seek(0)
+            print(out.read())
+
+
+def http_get_status(port: int, path: str) -> tuple[int, bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, body
