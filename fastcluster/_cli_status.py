@@ -55,7 +55,9 @@ def render(doc: dict[str, Any]) -> str:
     head = [
         f"primary {p['pid']}  up {_duration(p['uptime'])}  {p.get('app', '?')} "
         f"({str(p.get('interface', '?')).upper()})  on {addrs}  policy {p['policy']}"
-        + ("  STOPPING" if p.get("stopping") else ""),
+        + ("  STOPPING" if p.get("stopping") else "")
+        + ("  NOT READY: " + str(p["health"].get("reason"))
+           if p.get("health") and not p["health"].get("ready") else ""),
         f"workers {p['workers']}/{p.get('workers_wanted', '?')}  restarts {p['restarts']}  "
         f"accepted {core.get('accepted', '-')}  rss {_size(p.get('rss'))}",
         "",

@@ -41,7 +41,7 @@ from typing import Any
 
 import fastcluster as cluster
 
-from . import _role
+from . import _health, _role
 
 RECV_MAX = 8192  # bytes of an HTTP request we read before answering
 MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive
@@ -160,6 +160,7 @@ class Snapshot:
                 "policy": policy,
                 "addresses": self.addresses,
                 "stopping": bool(getattr(primary, "_stopping", False)),
+                "health": _health.facts(primary),  # ready, draining... as /readyz says
                 "workers": len(workers),
                 "restarts": self.restarts_total,
                 "rss": rss_bytes(os.getpid()),

@@ -281,23 +281,40 @@ def test_good_settings() -> None:
 
 
 def test_cli_health_and_drain_delay(tmp_path: Path, env: dict[str, str]) -> None:
-    """`fastcluster run --health --drain-delay` (the deploy/ examples' command)."""
+    """`fastcluster run --health --drain-delay` (the deploy/ examples' command),
+    and the same facts in `fastcluster status --json`."""
     tests = Path(__file__).resolve().parent
     cli_env = {k: v for k, v in env.items() if not k.startswith("FASTCLUSTER_")}
     cli_env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests)])
     app, health = free_port(), free_port()
     argv = [sys.executable, "-m", "fastcluster", "run", "cli_apps:wsgi_app", "--workers", "2",
             "--bind", f"127.0.0.1:{app}", "--health", f"127.0.0.1:{health}",
-            "--drain-delay", "1", "--status-socket", "off"]
+            "--drain-delay", "3", "--status-socket", str(tmp_path / "st.sock")]
+
+    def status(*flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "fastcluster", "status", "--socket",
+                               str(tmp_path / "st.sock"), *flags], cwd=tests, env=cli_env,
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
     with open(tmp_path / "out", "w+") as out:
         proc = subprocess.Popen(argv, cwd=tests, env=cli_env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             assert wait_status(health, "/readyz", 200, timeout=15) == "ready\n"
             assert http_get(app)[0] == 200
+            facts = json.loads(status("--json"))["primary"]["health"]
+            assert facts["ready"] is True and facts["listening"] == 2
+            assert facts["health"] == f"127.0.0.1:{health}" and facts["drain_delay"] == 3.0
             proc.send_signal(signal.SIGTERM)
             assert wait_status(health, "/readyz", 503, timeout=2) == "not ready: draining\n"
             assert http_get(app)[0] == 200  # still served while draining
+            facts = json.loads(status("--json"))["primary"]["health"]
+            assert (facts["ready"], facts["reason"], facts["draining"]) == \
+                (False, "draining", True)
+            assert 0 < facts["drain_left"] <= 3.0
+            assert "NOT READY: draining" in status()
             assert proc.wait(15) == 0
         finally:
             if proc.poll() is None:
