@@ -100,9 +100,15 @@ def _fail(message: str) -> int:
 
 
 def _check_bind(address: Any) -> str | None:
-    """Binds the TCP address once (and lets go) for a clear error before forking."""
-    if isinstance(address, str) or os.environ.get("LISTEN_PID") == str(os.getpid()):
+    """Binds the TCP address once (and lets go), or checks a Unix socket's
+    directory, for a clear error before forking."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
         return None  # (socket activation: systemd bound it, the primary adopts it)
+    if isinstance(address, str):
+        parent = os.path.dirname(os.path.abspath(address))
+        if not address.startswith("\0") and not os.path.isdir(parent):
+            return f"cannot listen on unix:{address} (--bind): no directory {parent}"
+        return None
     try:
         infos = socket.getaddrinfo(address[0], address[1], socket.AF_UNSPEC,
                                    socket.SOCK_STREAM, 0, socket.AI_PASSIVE)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import socket
 import threading
 from typing import Any
@@ -35,6 +36,8 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 import fastcluster as cluster
 
 from ._status import worker_request_counter
+
+BOOT_ERROR = 3  # exit status of a worker that could not start serving
 
 __all__ = ["PoolWSGIServer", "RequestHandler", "serve"]
 
@@ -134,7 +137,13 @@ def serve(app: Any, address: Any, *, threads: int = 8, client_timeout: float = 3
     disconnected (the worker runtime then ends this thread with SystemExit)."""
     server = PoolWSGIServer(address, threads, client_timeout, access_log)
     server.set_app(app)
-    cluster.listen_server(server, backlog)
+    try:
+        cluster.listen_server(server, backlog)
+    except OSError as e:
+        server.server_close()
+        error_log.error("fastcluster: worker pid %d cannot listen on %r: %s", os.getpid(),
+                        address, e)
+        return BOOT_ERROR
     if isinstance(server.server_address, str):  # Unix socket: what server_bind would set
         server.server_name, server.server_port = "localhost", 0
     server.setup_environ()

@@ -242,6 +242,19 @@ def test_bad_app_exits_1_with_a_clear_error_and_forks_nothing(ref: str, message:
     assert time.monotonic() - t0 < 10
 
 
+def test_unusable_bind_address_exits_1_before_forking(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = cli("run", "cli_apps:wsgi_app", "--bind", f"127.0.0.1:{port}")
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (--bind): Address already in use" in proc.stderr
+    proc = cli("run", "cli_apps:wsgi_app", "--bind", f"unix:{tmp_path}/no/dir.sock")
+    assert proc.returncode == 1 and "no directory" in proc.stderr
+    assert "forked" not in proc.stderr
+
+
 def test_failing_lifespan_startup_stops_instead_of_crash_looping(tmp_path: Path) -> None:
     proc = cli("run", "cli_apps:failing_startup", "--workers", "2", "--bind", "127.0.0.1:0",
                "--status-socket", str(tmp_path / "s.sock"), timeout=20)
