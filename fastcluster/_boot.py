@@ -17,6 +17,12 @@ that (getppid), so a SIGKILLed primary leaves no orphans. Then:
          (JSON), both removed from os.environ at once so the worker's own
          children do not inherit them.
 
+A forked child calls gc.freeze() first: every object it inherited moves to
+the permanent generation, so the worker's collections never walk (and so
+never copy-on-write fault) the primary's heap. The primary imports
+fastcluster.aio (with asyncio and ssl) before its first fork, once, rather
+than each new worker after its fork: a respawn does not pay for it.
+
 Either way run_worker() runs the main and maps its end to an exit status:
 return -> serve the channel while handles remain, then 0; SystemExit(n) ->
 n; an uncaught exception -> traceback, 1. The caller always ends in
@@ -32,6 +38,7 @@ import ctypes
 import gc
 import importlib
 import json
+import logging
 import os
 import pwd
 import runpy
@@ -50,6 +57,8 @@ from ._core import CounterTable, WorkerChannel
 from ._intake import Intake
 from ._settings import Settings
 from ._worker import WorkerRuntime
+
+log = logging.getLogger("fastcluster")
 
 WORKER_ENV = "FASTCLUSTER_WORKER"
 BOOT_ENV = "FASTCLUSTER_BOOT"
@@ -136,7 +145,10 @@ def preload() -> None:
     global _preloaded
     if not _preloaded:
         _preloaded = True
-        importlib.import_module(".aio", __package__)
+        try:
+            importlib.import_module(".aio", __package__)
+        except Exception:  # a worker that needs it will say why
+            log.debug("fastcluster: could not preload fastcluster.aio", exc_info=True)
 
 def die_with_parent(parent_pid: int) -> None:
     """First thing in a forked child: SIGKILL us when the primary dies."""

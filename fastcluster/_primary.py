@@ -169,6 +169,8 @@ class Primary:
         if any(name.startswith("respawn_") for name in updates):
             self._backoff.configure(self.cfg.respawn_delay, self.cfg.respawn_delay_max,
                                     self.cfg.respawn_stable)
+        if self._running and self._shutdown is None:
+            self._recycler.arm()  # max_requests / max_rss set while running
         if self.dispatcher is not None:
             self.dispatcher.set_policy(_core_policy(self.cfg.policy))
         self.events.emit("setup", self.settings)

@@ -46,7 +46,8 @@ def worker_main() -> None:
 
 if cluster.is_primary:
     # respawn: replace a worker that dies (the harness's respawn scenario kills some)
-    cluster.setup_primary(policy=POLICY, respawn=True)
+    cluster.setup_primary(policy=POLICY, respawn=True,
+                          start_method=os.environ.get("FC_START_METHOD", "fork"))
     for _ in range(WORKERS):
         cluster.fork()
     cluster.run()
