@@ -54,6 +54,14 @@ worker that hangs before it ever serves is not detected.
 
 A worker that forks (ForkingMixIn, a subprocess via fork) does not beat from
 the child: the child's heart is switched off at fork.
+
+Stalled intake: the same check also reads the dispatcher's per-slot counts.
+A worker that has had connections waiting for it (dispatched, not taken)
+while its `taken` counter stood still for `timeout` seconds is treated as
+hung even if its loop beats: its loop does not take them (its data channel
+fd was closed by a bug, say; the primary holds that channel's other end,
+so no hang-up tells it). Killing it hands those connections to the others
+(the primary reads the dead worker's queue back).
 """
 
 from __future__ import annotations
@@ -267,6 +275,7 @@ class Watchdog:
         self._timeouts: dict[int, float] = {}  # slot -> timeout of its current worker
         self._timer: Timer | None = None
         self._aborted: set[int] = set()  # worker ids sent SIGABRT
+        self._progress: dict[int, tuple[int, float]] = {}  # slot -> (taken, since when)
 
     def prepare(self, slot: int) -> None:
         """Before the fork (after the dispatcher zeroed the slot): tells the
@@ -277,6 +286,7 @@ class Watchdog:
             return
         p.table.set_timeout_ms(slot, round(timeout * 1000.0))
         self._timeouts[slot] = timeout
+        self._progress.pop(slot, None)  # a new worker: its counters start again
         if timeout > 0:
             self._schedule(interval_for(timeout))
 
@@ -305,6 +315,11 @@ class Watchdog:
             delay = step if delay is None else min(delay, step)
             if proc.worker.id in self._aborted:
                 continue
+            stalled = self._stalled(slot, now / 1e9)
+            if stalled > timeout:
+                self._abort(proc, stalled, timeout, "has not taken the connections waiting "
+                            "for it")
+                continue
             stamp = table.beat(slot)
             if stamp == 0:
                 continue  # not serving yet (boot allowance), or not watchable
@@ -315,13 +330,31 @@ class Watchdog:
         if delay is not None:
             self._schedule(delay)
 
-    def _abort(self, proc: _Proc, age: float, timeout: float) -> None:
+    def _stalled(self, slot: int, now: float) -> float:
+        """Seconds connections have waited for the worker in slot while its
+        `taken` counter stood still (0.0 when none wait or it moved)."""
+        dispatcher = self._primary.dispatcher
+        if dispatcher is None:
+            return 0.0
+        try:
+            s = dispatcher.slot_stats(slot)
+        except (OSError, ValueError):
+            return 0.0
+        last = self._progress.get(slot)
+        if s["dispatched"] <= s["taken"] or last is None or last[0] != s["taken"]:
+            self._progress[slot] = (s["taken"], now)
+            return 0.0
+        return now - last[1]
+
+    def _abort(self, proc: _Proc, age: float, timeout: float,
+               what: str = "its serving loop has not beaten") -> None:
         p = self._primary
         w = proc.worker
         self._aborted.add(w.id)
-        log.error("fastcluster: worker %d (pid %d) is hung: its serving loop has not "
-                  "beaten for %.2f s (timeout %g s); SIGABRT (stack on its stderr), "
-                  "SIGKILL in %g s", w.id, w.pid, age, timeout, ABORT_GRACE)
+        self._progress.pop(proc.slot, None)
+        log.error("fastcluster: worker %d (pid %d) is hung: %s for %.2f s (timeout %g s); "
+                  "SIGABRT (stack on its stderr), SIGKILL in %g s", w.id, w.pid, what, age,
+                  timeout, ABORT_GRACE)
         p._kill(proc, signal.SIGABRT)
 
         def still_alive() -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from _faults import HTTP_SERVER, Load, cpu_seconds, fd_count, request, wait_until
 from _helpers import env, free_port, running, script  # noqa: F401
 
@@ -390,3 +391,67 @@ def test_well_formed_frames_with_bad_fields(tmp_path: Path, env: dict[str, str])
     assert errors and errors[0].endswith("{'ProtocolError'}"), out
     assert "fds kept 0" in out, "\n".join(out)
     assert not [ln for ln in out if "Traceback" in ln], out
+
+
+CLOSER = HTTP_SERVER + """
+from fastcluster import _role
+
+if cluster.is_primary:
+    cluster.setup_primary(timeout=1.0, respawn=False)
+    cluster.fork({"ROLE": "closer"})
+    cluster.fork({"ROLE": "good"})
+    cluster.on("message", lambda w, m: print(m, w.pid, flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
+    cluster.run()
+else:
+    port = int(os.environ["PORT"])
+    if os.environ["ROLE"] == "good":
+        serve_http(port)
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", port), PidHandler, bind_and_activate=False)
+        cluster.listen_server(server)
+        # a bug closes the data channel's fd under the runtime (no shutdown): the
+        # primary, which holds the channel's other end, sees no hang-up
+        os.close(_role.runtime.intake.channel.fileno())
+        cluster.worker.send("closed")
+        if os.environ["MODE"] == "accepting":
+            server.serve_forever()  # its next accept() finds the channel broken
+        else:
+            cluster.run()  # never accepts: the primary finds the intake stalled
+"""
+
+
+@pytest.mark.parametrize("mode", ["accepting", "idle"])
+def test_worker_whose_data_channel_fd_is_closed(tmp_path: Path, env: dict[str, str],
+                                                mode: str) -> None:
+    port = free_port()
+    results: list[tuple[bool, str, float]] = []
+
+    def one() -> None:
+        t0 = time.monotonic()
+        ok, pid = request(port, timeout=10)
+        results.append((ok, pid, time.monotonic() - t0))
+
+    with running(script(tmp_path, CLOSER), dict(env, PORT=str(port), MODE=mode)) as r:
+        closer = r.wait_for("closed")[0].split()[1]
+        good = r.wait_for("serving")[0].split()[1]
+        burst = [threading.Thread(target=one) for _ in range(20)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(15)
+        gone = "0 None" if mode == "accepting" else "None SIGABRT"
+        r.wait_for(f"exit {closer} {gone}")
+        assert request(port)[1] == good
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    assert len(results) == 20 and all(ok for ok, _, _ in results), results
+    assert {pid for _, pid, _ in results} == {good}
+    logged = "\n".join(out)
+    if mode == "accepting":  # the worker saw it, finished and left; its queue read back
+        assert "worker data channel failed" in logged
+    else:  # stalled for the hang timeout (1 s), then killed; its queue read back
+        waited = sorted(t for _, _, t in results)
+        assert 0.9 <= waited[-1] < 4, waited
+        assert "has not taken the connections waiting for it" in logged
