@@ -12,14 +12,12 @@ not exceed the sum over the killed workers.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
 import time
 from pathlib import Path
 
-import pytest
 from _faults import HTTP_SERVER, Load, children, request, wait_until
 from _helpers import env, free_port, running, script  # noqa: F401
 
@@ -27,13 +25,11 @@ WORKERS = 4
 
 CHAOS = HTTP_SERVER + """
 from fastcluster import _role
-from fastcluster._backoff import Backoff
 
 if cluster.is_primary:
-    cluster.setup_primary(respawn=True)
     # Every worker dies young here, which the crash-loop pacer would slow to
     # 30 s between replacements; chaos wants them back in milliseconds.
-    _role.primary()._backoff = Backoff(first=0.005, cap=0.02)
+    cluster.setup_primary(respawn=True, respawn_delay=0.005, respawn_delay_max=0.02)
 
     def slot_of(pid):
         table = _role.primary().table
@@ -112,8 +108,6 @@ else:
 """
 
 
-@pytest.mark.xfail(importlib.util.find_spec("fastcluster._rolling") is None, strict=True,
-                   reason="SIGHUP rolling restart is not in the supervisor yet (issue C)")
 def test_rolling_restart_under_load_ten_sighups(tmp_path: Path, env: dict[str, str]) -> None:
     path = script(tmp_path, ROLLING)
     port = free_port()
