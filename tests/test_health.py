@@ -136,6 +136,44 @@ def test_healthz_readyz_and_drain(tmp_path: Path, env: dict[str, str]) -> None:
     assert all(f["shutdown"] == "graceful" for f in gone)
 
 
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on 127.0.0.1:port (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # LISTEN
+                return fields[9]
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                out.add(target[8:-1])
+    return out
+
+
+def test_workers_do_not_hold_the_health_socket(tmp_path: Path, env: dict[str, str]) -> None:
+    path = script(tmp_path, HOST)
+    (tmp_path / "go").touch()
+    app, health = free_port(), free_port()
+    with running(path, env, (str(app), f"127.0.0.1:{health}", "0")) as r:
+        r.wait_for("listening", 2)
+        inode = listening_inode(health)
+        assert inode in socket_inodes(r.pid)  # the primary's
+        with open(f"/proc/{r.pid}/task/{r.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        assert len(children) == 2
+        for child in children:
+            assert inode not in socket_inodes(child), child
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=10)
+    assert code == 0, out
+
+
 def test_drain_delay_zero_shuts_down_at_once(tmp_path: Path, env: dict[str, str]) -> None:
     path = script(tmp_path, HOST)
     (tmp_path / "go").touch()
