@@ -212,8 +212,14 @@ class _Drain:
             for conn in list(self._state.connections):
                 # a connection that has had no request yet may be a queued one
                 # whose request is on its way: it is served first
-                if getattr(conn, "cycle", None) is not None:
-                    conn.shutdown()
+                transport = getattr(conn, "transport", None)
+                if getattr(conn, "cycle", None) is None or transport is None \
+                        or transport.is_closing():
+                    continue
+                try:
+                    conn.shutdown()  # idle: close; busy: no keep-alive after this response
+                except Exception as e:  # one connection's trouble must not stop the drain
+                    log.debug("fastcluster: shutting a connection down: %r", e)
             await asyncio.sleep(DRAIN_TICK)
 
     def _finish(self) -> None:

@@ -7,6 +7,7 @@ startup fails. Each response names the worker's pid.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -31,6 +32,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.5)
     body = f"asgi {os.getpid()} {scope['path']}\n".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),

@@ -105,6 +105,33 @@ def test_lifespan_startup_and_shutdown_run_in_each_worker(fastcluster_server: An
     assert sorted(lines[2:]) == sorted(["shutdown", str(p)] for p in pids)
 
 
+def test_graceful_stop_closes_idle_keep_alive_and_finishes_busy_requests(
+        fastcluster_server: Any) -> None:
+    server = fastcluster_server("cli_apps:asgi_app", workers=1,
+                                args=("--timeout-keep-alive", "60"))
+    idle = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    idle.request("GET", "/first")
+    assert idle.getresponse().read().endswith(b" /first\n")
+    busy = socket.create_connection((server.host, server.port), timeout=5)
+    try:
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)  # the request is in the app (0.5 s)
+        t0 = time.monotonic()
+        server.signal(signal.SIGTERM)
+        data = b""
+        while chunk := busy.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b" /slow\n"), data
+        assert b"connection: close" in data.lower()  # the response ends its connection
+        assert idle.sock is not None and idle.sock.recv(1) == b""  # closed, not left to time out
+        assert server.process.wait(10) == 0
+        assert time.monotonic() - t0 < 5  # not the 60 s keep-alive timeout
+    finally:
+        busy.close()
+        idle.close()
+    assert server.stop() == 0
+
+
 def test_status_lists_workers_and_counters_move(fastcluster_server: Any) -> None:
     metrics_port = free_port()
     server = fastcluster_server("cli_apps:asgi_app", workers=2,
