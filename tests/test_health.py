@@ -209,12 +209,15 @@ def test_slow_and_garbage_health_clients_do_not_stall(tmp_path: Path,
         big.sendall(b"A" * 4096)  # past MAX_REQUEST with no end of headers
         junk = client()
         junk.sendall(b"\x00\xff garbage\r\n\r\n")
-        t0 = time.monotonic()
-        # the app and the endpoint answer at once all the same
+        # the app and the endpoint answer at once all the same: none of these
+        # waits for a bad client's CONN_TIMEOUT (2 s) to pass
+        slowest = 0.0
         for _ in range(10):
+            t0 = time.monotonic()
             assert http_get(app, timeout=2)[0] == 200
             assert get(health, "/readyz") == (200, "ready\n")
-        assert time.monotonic() - t0 < 2.0  # CONN_TIMEOUT: nothing waited on a client
+            slowest = max(slowest, time.monotonic() - t0)
+        assert slowest < 1.5, slowest
         assert big.recv(4096).startswith(b"HTTP/1.1 431 ")
         assert junk.recv(4096).startswith(b"HTTP/1.1 400 ")
         # the slow and idle clients are closed by the primary (evicted or timed out)
