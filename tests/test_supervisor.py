@@ -345,10 +345,12 @@ def test_ttin_and_ttou_change_the_worker_count(tmp_path: Path, env: dict[str, st
 
 # -- rolling restart -----------------------------------------------------------
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_sighup_under_load_replaces_every_worker_without_a_failed_request(
-        tmp_path: Path, env: dict[str, str]) -> None:
+        tmp_path: Path, env: dict[str, str], method: str) -> None:
     workers = 3
-    path, run_env, port = start(tmp_path, env, workers=workers, graceful_timeout=5)
+    path, run_env, port = start(tmp_path, env, workers=workers, graceful_timeout=5,
+                                start_method=method)
     with running(path, run_env) as r:
         first = set(pids_of(r.wait_for("listening", workers)))
         load = Load(port, max_requests=20000, max_seconds=25)
