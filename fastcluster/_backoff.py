@@ -7,9 +7,11 @@ a crash; each crash in a row doubles the delay before the next replacement,
 from `first` up to `cap`, with +-`jitter` spread so that a fleet of
 primaries does not retry in step. The streak resets when a worker that
 lived past `stable_after` exits, or when no crash came for `stable_after`
-seconds. One pacer per primary (not per worker lineage): with every worker
-failing at boot, the delays grow with each death whichever worker it was,
-so a broken deploy never becomes a fork bomb.
+seconds after the last replacement was due (counting from the crash itself
+would reset every streak whose delay grew past `stable_after`). One pacer
+per primary (not per worker lineage): with every worker failing at boot,
+the delays grow with each death whichever worker it was, so a broken
+deploy never becomes a fork bomb.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Backoff:
     stable_after: float = 10.0
     jitter: float = 0.2
     streak: int = 0
-    last_crash: float = float("-inf")
+    calm_since: float = float("-inf")  # when the last crash's replacement was due
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,15 +47,16 @@ class Backoff:
     def on_exit(self, lifetime: float, asked: bool, now: float | None = None) -> float:
         """Records a worker's exit; returns the delay before its replacement."""
         now = time.monotonic() if now is None else now
-        if now - self.last_crash >= self.stable_after:
+        if now - self.calm_since >= self.stable_after:
             self.streak = 0  # calm for a stable period: the old streak is history
         if asked or lifetime >= self.stable_after:
             self.streak = 0
             return 0.0
         self.streak += 1
-        self.last_crash = now
         delay: float = min(self.cap, self.first * 2.0 ** (self.streak - 1))
-        return delay * (1 + self._rng.uniform(-self.jitter, self.jitter))
+        delay *= 1 + self._rng.uniform(-self.jitter, self.jitter)
+        self.calm_since = now + delay
+        return delay
 
     @property
     def crash_looping(self) -> bool:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from _helpers import env, free_port, http_get, running, script, wait_dead  # noqa: F401
 
+from fastcluster._backoff import Backoff
 from fastcluster._settings import Settings
 
 SERVER = """
@@ -315,6 +316,21 @@ def test_crash_loop_backs_off_and_sigterm_still_exits_at_once(tmp_path: Path,
     assert sum(1 for ln in out if ln.startswith("fork")) == 5  # no fork after the TERM
     assert any("is the worker's main failing at boot" in ln for ln in out), out
     assert any("exited (code 3)" in ln for ln in out)
+
+
+def test_backoff_reaches_its_cap_and_forgets_after_a_calm_period() -> None:
+    b = Backoff(first=0.1, cap=30.0, stable_after=10.0, jitter=0.0)
+    now, delays = 0.0, []
+    for _ in range(11):  # every replacement dies 0.05 s after it starts
+        delays.append(b.on_exit(0.05, asked=False, now=now))
+        now += delays[-1] + 0.05
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0]
+    assert b.crash_looping
+    assert b.on_exit(0.05, asked=False, now=now + 9.0) == 30.0  # not calm long enough
+    assert b.on_exit(0.05, asked=False, now=now + 30.0 + 10.0 + 9.0) == 0.1  # calm: anew
+    assert b.on_exit(11.0, asked=False, now=now + 60) == 0.0  # lived long: at once
+    firsts = {Backoff(first=1.0, jitter=0.2).on_exit(0.0, asked=False) for _ in range(20)}
+    assert all(0.8 <= d <= 1.2 for d in firsts) and len(firsts) > 1  # spread, bounded
 
 
 def test_ttin_and_ttou_change_the_worker_count(tmp_path: Path, env: dict[str, str]) -> None:
