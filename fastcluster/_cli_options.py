@@ -81,6 +81,30 @@ def _delay(text: str) -> float:
     return value
 
 
+def _hang_timeout(text: str) -> float:
+    allowed = "0 (off) or a number of seconds from 0.5 to 86400"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(allowed) from None
+    if value != 0 and not 0.5 <= value <= 86400:
+        raise ValueError(allowed)
+    return value
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    allowed = "a size in bytes, or with a K, M or G suffix (e.g. 512M)"
+    t = text.strip().upper().removesuffix("B")
+    unit = t[-1:] if t[-1:] in ("K", "M", "G") else ""
+    number = t[:-1] if unit else t
+    if not number.isdigit():
+        raise ValueError(allowed)
+    return int(number) * _UNITS[unit]
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -187,6 +211,25 @@ OPTIONS: tuple[Option, ...] = (
            "WSGI: seconds a thread waits for a client to send its request", "S"),
     Option("graceful_timeout", _seconds, 30.0,
            "seconds a stopping worker gets to finish its requests before SIGKILL", "S"),
+    Option("timeout", _hang_timeout, 30.0,
+           "seconds a worker's event loop may stop answering its heartbeat before it "
+           "is killed (SIGABRT, then SIGKILL) and replaced; 0: off", "S"),
+    Option("max_requests", _int_range(0, 1 << 62), 0,
+           "recycle a worker (gracefully, through a rolling restart) after this many "
+           "requests; 0: never", "N"),
+    Option("max_requests_jitter", _int_range(0, 1 << 62), 0,
+           "add a random 0..N to each worker's max_requests, so they do not recycle "
+           "together", "N"),
+    Option("max_rss", _size, 0,
+           "recycle a worker whose resident memory passes this size (e.g. 512M); 0: never",
+           "SIZE"),
+    Option("rolling_batch", _int_range(1, 64), 1,
+           "workers replaced at once by a rolling restart (SIGHUP)", "N"),
+    Option("ready_timeout", _seconds, 30.0,
+           "seconds a replacement worker gets to listen before it is given up", "S"),
+    Option("user", _text, "", "run the workers as this user (name or id; the primary "
+           "binds first)", "USER"),
+    Option("group", _text, "", "run the workers with this group (name or id)", "GROUP"),
     Option("backlog", _int_range(1, 65535), 511, "listen() backlog", "N"),
     Option("respawn", _bool, True, "replace workers that exit unasked", "BOOL"),
     Option("access_log", _bool, False, "log one line per request", "BOOL"),

@@ -140,6 +140,12 @@ def _tls_context(settings: dict[str, Any], interface: str) -> ssl.SSLContext | N
     return ctx
 
 
+def _id_or_name(text: str) -> int | str | None:
+    if not text:
+        return None
+    return int(text) if text.isdigit() else text
+
+
 def _show(address: Any) -> str:
     if isinstance(address, str):
         return f"unix:{address}"
@@ -214,9 +220,19 @@ def run(settings: dict[str, Any]) -> int:
                               respawn=settings["respawn"],
                               graceful_timeout=settings["graceful_timeout"],
                               backlog=settings["backlog"], health=settings["health"] or None,
-                              drain_delay=settings["drain_delay"])
+                              drain_delay=settings["drain_delay"],
+                              timeout=settings["timeout"] or None,
+                              max_requests=settings["max_requests"],
+                              max_requests_jitter=settings["max_requests_jitter"],
+                              max_rss=settings["max_rss"],
+                              rolling_batch=settings["rolling_batch"],
+                              ready_timeout=settings["ready_timeout"],
+                              uid=_id_or_name(settings["user"]),
+                              gid=_id_or_name(settings["group"]))
     except OSError as e:  # the health endpoint's address
         return _fail(f"--health: {e.strerror or e}")
+    except (TypeError, ValueError) as e:  # an unknown --user/--group, say
+        return _fail(str(e))
     lifecycle = _Lifecycle()
     snapshot = Snapshot({"app": ref, "interface": interface, "bind": settings["bind"],
                          "workers_wanted": settings["workers"]})

@@ -357,6 +357,23 @@ def test_asgi_over_tls(fastcluster_server: Any, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "ASGI apps only" in bad.stderr
 
 
+def test_max_requests_recycles_workers_without_a_failed_request(fastcluster_server: Any
+                                                                 ) -> None:
+    server = fastcluster_server("cli_apps:wsgi_app", workers=1, args=("--max-requests", "5"))
+    first = server.worker_pids()[0]
+    pids, deadline = [], time.monotonic() + 15
+    while len(set(pids)) < 3 and len(pids) < 5000 and time.monotonic() < deadline:
+        status, body = get(server)
+        assert status == 200
+        pids.append(int(body.split()[1]))
+    assert pids[0] == first and len(set(pids)) >= 3, pids  # recycled twice, nothing failed
+    deadline = time.monotonic() + 10  # the last old worker finishes, then it is 1 worker
+    while len(ws := server.status()["workers"]) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(ws) == 1 and ws[0]["restarts"] >= 2, ws  # it replaced one that replaced one
+    assert server.stop() == 0
+
+
 def test_help_lists_every_setting_and_bad_values_are_named() -> None:
     from fastcluster._cli_options import OPTIONS
 
@@ -370,3 +387,7 @@ def test_help_lists_every_setting_and_bad_values_are_named() -> None:
            "got 'lots'" in bad.stderr
     bad = cli("run", "cli_apps:asgi_app", "--policy", "random")
     assert bad.returncode == 1 and "must be one of rr, least, shared, reuseport" in bad.stderr
+    bad = cli("run", "cli_apps:asgi_app", "--max-rss", "lots")
+    assert bad.returncode == 1 and "setting 'max_rss' (from --max-rss) must be a size" in bad.stderr
+    bad = cli("run", "cli_apps:wsgi_app", "--bind", "127.0.0.1:0", "--user", "no-such-user-x")
+    assert bad.returncode == 1 and "'no-such-user-x'" in bad.stderr and "forked" not in bad.stderr
