@@ -20,8 +20,9 @@ that (getppid), so a SIGKILLed primary leaves no orphans. Then:
 A forked child calls gc.freeze() first: every object it inherited moves to
 the permanent generation, so the worker's collections never walk (and so
 never copy-on-write fault) the primary's heap. The primary imports
-fastcluster.aio (with asyncio and ssl) before its first fork, once, rather
-than each new worker after its fork: a respawn does not pay for it.
+fastcluster.aio (with asyncio and ssl) and pkgutil (runpy's) before its
+first fork, once, rather than each new worker after its fork: a respawn
+does not pay for them.
 
 Either way run_worker() runs the main and maps its end to an exit status:
 return -> serve the channel while handles remain, then 0; SystemExit(n) ->
@@ -139,16 +140,18 @@ _preloaded = False
 
 def preload() -> None:
     """In the primary, before the first fork: import what every forked worker
-    would import itself after the fork (the asyncio helpers, and asyncio and
-    ssl with them), once, so that workers share it copy-on-write and a
-    respawned worker does not spend milliseconds importing it."""
+    would import itself after the fork (pkgutil for runpy, the asyncio
+    helpers, and asyncio and ssl with them), once, so that workers share it
+    copy-on-write and a respawned worker does not spend milliseconds (in
+    copy-on-write faults, mostly) importing it."""
     global _preloaded
     if not _preloaded:
         _preloaded = True
-        try:
-            importlib.import_module(".aio", __package__)
-        except Exception:  # a worker that needs it will say why
-            log.debug("fastcluster: could not preload fastcluster.aio", exc_info=True)
+        for name in ("pkgutil", __name__.rpartition(".")[0] + ".aio"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # a worker that needs it will say why
+                log.debug("fastcluster: could not preload %s", name, exc_info=True)
 
 def die_with_parent(parent_pid: int) -> None:
     """First thing in a forked child: SIGKILL us when the primary dies."""
