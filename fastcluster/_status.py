@@ -16,10 +16,10 @@ sent each worker; a snapshot reads them when a client asks.
                  one small buffer per client, at most MAX_CLIENTS pending,
                  each for at most CLIENT_TIMEOUT seconds.
 
-Per-worker `restarts`: a worker forked to replace one that exited (a
-respawn, a recycled or rolled worker) inherits that worker's count plus
-one. Workers forked while none had exited are matched to the next exit (a
-rolling restart forks the new worker before the old one leaves).
+Per-worker `restarts`: a worker forked to replace another inherits that
+worker's count plus one: a rolling step (SIGHUP, recycling) names the
+worker it replaces; a respawn takes the place of the oldest worker that
+died unasked and was not yet replaced. Workers added by TTIN start at 0.
 
 Sockets are closed in any child forked from the primary (os.register_at_fork),
 so workers never hold them.
@@ -92,8 +92,7 @@ class Snapshot:
         self.addresses: list[Any] = []
         self.restarts_total = 0
         self._restarts: dict[int, int] = {}  # worker id -> restarts
-        self._leavers: collections.deque[int] = collections.deque()  # exits not yet replaced
-        self._newcomers: collections.deque[int] = collections.deque()  # forks not matched
+        self._leavers: collections.deque[int] = collections.deque()  # died, to respawn
         self._initial = 0  # workers still to fork before anything is a replacement
         cluster.on("fork", self._on_fork)
         cluster.on("exit", self._on_exit)
@@ -102,30 +101,34 @@ class Snapshot:
     def expect_initial(self, n: int) -> None:
         self._initial = n
 
+    def _replaces(self, wid: int) -> int | None:
+        """The worker a rolling step (SIGHUP, recycling) forked wid to replace."""
+        steps = getattr(getattr(_role.primary(), "_rolling", None), "_steps", None)
+        step = steps.get(wid) if isinstance(steps, dict) else None
+        old = getattr(step, "old", None)
+        return old if isinstance(old, int) else None
+
     def _on_fork(self, w: Any) -> None:
+        old = self._replaces(w.id)
         if self._initial > 0:
             self._initial -= 1
             self._restarts[w.id] = 0
-        elif self._leavers:
+        elif old is not None:  # rolled or recycled: it takes old's place
+            self._restarts[w.id] = self._restarts.get(old, 0) + 1
+            self.restarts_total += 1
+        elif self._leavers:  # a respawn: it takes the place of one that died
             self._restarts[w.id] = self._restarts.pop(self._leavers.popleft(), 0) + 1
             self.restarts_total += 1
-        else:
+        else:  # one more (TTIN)
             self._restarts[w.id] = 0
-            self._newcomers.append(w.id)
 
     def _on_exit(self, w: Any, code: Any, signame: Any) -> None:
-        while self._newcomers and self._newcomers[0] not in cluster.workers:
-            self._newcomers.popleft()
-        if self._newcomers:
-            new = self._newcomers.popleft()
-            self._restarts[new] = self._restarts.get(w.id, 0) + 1
-            self.restarts_total += 1
-        else:
-            self._leavers.append(w.id)
-            while len(self._leavers) > 256:
-                self._restarts.pop(self._leavers.popleft(), None)
-        if w.id not in self._leavers:
+        if w.exited_after_disconnect:  # asked to go: replaced already, or not at all
             self._restarts.pop(w.id, None)
+            return
+        self._leavers.append(w.id)  # died: the supervisor's respawn takes its place
+        while len(self._leavers) > 256:
+            self._restarts.pop(self._leavers.popleft(), None)
 
     def _on_listening(self, w: Any, address: Any) -> None:
         wire = list(address) if isinstance(address, tuple) else address
@@ -361,16 +364,19 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def find_sockets() -> list[str]:
-    """Status sockets of live primaries in the default places."""
-    found = []
+    """Status sockets of live primaries in the default place: $XDG_RUNTIME_DIR,
+    else (or if none is there) /tmp."""
     for base in dict.fromkeys(filter(None, (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"))):
+        found = []
         with contextlib.suppress(OSError):
             for name in sorted(os.listdir(base)):
                 pid = name[len("fastcluster-"):-len(".sock")]
                 if (name.startswith("fastcluster-") and name.endswith(".sock")
                         and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
                     found.append(os.path.join(base, name))
-    return found
+        if found:
+            return found
+    return []
 
 
 def _metric(lines: list[str], name: str, kind: str, help: str,

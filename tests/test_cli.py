@@ -184,6 +184,30 @@ def test_status_lists_workers_and_counters_move(fastcluster_server: Any) -> None
     assert not os.path.exists(server.status_socket)  # removed at exit
 
 
+def test_status_finds_the_primary_in_the_default_place(tmp_path: Path) -> None:
+    env = cli_env(XDG_RUNTIME_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "fastcluster", "run", "cli_apps:wsgi_app",
+                             "--workers", "1", "--bind", "127.0.0.1:0"], cwd=TESTS, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    path = tmp_path / f"fastcluster-{proc.pid}.sock"
+    try:
+        deadline = time.monotonic() + 15
+        out = None
+        while time.monotonic() < deadline:
+            out = cli("status", "--json", env=env)  # no --socket: found in $XDG_RUNTIME_DIR
+            if out.returncode == 0 and json.loads(out.stdout)["workers"]:
+                break
+            time.sleep(0.1)
+        assert out is not None and out.returncode == 0, out
+        assert json.loads(out.stdout)["primary"]["pid"] == proc.pid
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    assert not path.exists()
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed "
                     "(apt-get install -y wrk)")
 def test_wrk_load_is_served_without_errors_and_counted(fastcluster_server: Any) -> None:
