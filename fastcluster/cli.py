@@ -11,6 +11,7 @@ setting, each also an environment variable and a config file key.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -33,11 +34,19 @@ def _count(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fastcluster-server")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout
+        return "(not installed)"
+
+
 def parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `fastcluster` parser and its `run` subparser."""
     top = argparse.ArgumentParser(
         prog="fastcluster", description="Serve an ASGI or WSGI app with a cluster of "
         "worker processes fed by a C dispatcher; show a running cluster's state.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run", help="serve MODULE:APP with N workers",
