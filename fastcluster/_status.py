@@ -399,6 +399,11 @@ def prometheus_text(doc: dict[str, Any]) -> str:
 
     _metric(lines, "fastcluster_workers", "gauge", "Live worker processes.",
             [("", len(ws))])
+    health = p.get("health") or {}
+    if "ready" in health:
+        _metric(lines, "fastcluster_ready", "gauge", "1 while /readyz would answer 200 "
+                "(a worker listens, no drain or shutdown), else 0.",
+                [("", int(bool(health["ready"])))])
     _metric(lines, "fastcluster_restarts_total", "counter",
             "Workers forked to replace one that exited.", [("", p["restarts"])])
     _metric(lines, "fastcluster_primary_uptime_seconds", "gauge", "Seconds since start.",

@@ -180,6 +180,7 @@ def test_status_lists_workers_and_counters_move(fastcluster_server: Any) -> None
     assert len(samples) == 2
     assert sum(int(ln.split()[-1]) for ln in samples) >= totals(after, "requests")
     assert "fastcluster_workers 2" in body.splitlines()
+    assert "fastcluster_ready 1" in body.splitlines()
     assert server.stop() == 0
     assert not os.path.exists(server.status_socket)  # removed at exit
 
