@@ -38,6 +38,7 @@ import fastcluster as cluster
 from ._status import worker_request_counter
 
 BOOT_ERROR = 3  # exit status of a worker that could not start serving
+SLOT_WAIT = 0.25  # seconds between heartbeats while every thread is busy
 
 __all__ = ["PoolWSGIServer", "RequestHandler", "serve"]
 
@@ -106,7 +107,10 @@ class PoolWSGIServer(WSGIServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not isinstance(client_address, tuple):  # a Unix socket's peer has no address
             client_address = ("", 0)
-        self._slots.acquire()  # all threads busy: take no connection now
+        # every thread busy: take no connection now; this thread is not stuck,
+        # though (its heartbeat goes on: service_actions; see _heartbeat)
+        while not self._slots.acquire(timeout=SLOT_WAIT):
+            self.service_actions()
         try:
             self._pool.submit(self._work, request, client_address)
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 
@@ -42,6 +43,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(1.5)
     body = f"wsgi {os.getpid()} {environ['PATH_INFO']}\n".encode()
     start_response("200 OK", [("Content-Type", "text/plain"),
                               ("Content-Length", str(len(body)))])

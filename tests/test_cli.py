@@ -399,6 +399,27 @@ def test_max_requests_recycles_workers_without_a_failed_request(fastcluster_serv
     assert server.stop() == 0
 
 
+def test_wsgi_worker_with_every_thread_busy_is_not_taken_for_hung(fastcluster_server: Any
+                                                                   ) -> None:
+    # one thread, requests of 1.5 s, hang timeout 1 s: the second request waits
+    # for the thread longer than the timeout; the worker must live on
+    server = fastcluster_server("cli_apps:wsgi_app", workers=1,
+                                args=("--threads", "1", "--timeout", "1"))
+    pid = server.worker_pids()[0]
+    results: list[tuple[int, str]] = []
+    clients = [threading.Thread(target=lambda: results.append(get(server, "/slow")))
+               for _ in range(2)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(15)
+    assert [r[0] for r in results] == [200, 200], results
+    assert {int(r[1].split()[1]) for r in results} == {pid}
+    assert server.worker_pids() == [pid]
+    assert "SIGABRT" not in server.log()
+    assert server.stop() == 0
+
+
 def test_help_lists_every_setting_and_bad_values_are_named() -> None:
     from fastcluster._cli_options import OPTIONS
 
