@@ -200,9 +200,9 @@ OPTIONS: tuple[Option, ...] = (
            "ASGI: seconds an idle keep-alive connection stays open", "S"),
     Option("root_path", _text, "", "ASGI: the root_path in each request's scope (the "
            "app is mounted below this URL prefix by a proxy)", "PATH"),
-    Option("forwarded_allow_ips", _text, "127.0.0.1",
-           "ASGI: comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted",
-           "IPS"),
+    Option("forwarded_allow_ips", _text, "",
+           "ASGI: comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
+           "(default, as uvicorn: $FORWARDED_ALLOW_IPS, else 127.0.0.1)", "IPS"),
     Option("ssl_certfile", _text, "", "ASGI: serve TLS with this certificate (PEM)", "FILE"),
     Option("ssl_keyfile", _text, "", "ASGI: the certificate's private key (PEM; default: "
            "in the certificate file)", "FILE"),

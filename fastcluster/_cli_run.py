@@ -75,7 +75,7 @@ def worker_main() -> None:
                           lifespan=s["lifespan"], access_log=s["access_log"],
                           timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"],
                           ssl=plan.ssl, root_path=s["root_path"],
-                          forwarded_allow_ips=s["forwarded_allow_ips"])
+                          forwarded_allow_ips=s["forwarded_allow_ips"] or None)
     else:
         code = wsgi.serve(app, plan.address, threads=s["threads"],
                           client_timeout=s["client_timeout"], access_log=s["access_log"],
