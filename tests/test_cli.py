@@ -420,6 +420,31 @@ def test_wsgi_worker_with_every_thread_busy_is_not_taken_for_hung(fastcluster_se
     assert server.stop() == 0
 
 
+def test_plugin_tears_down_every_process_when_the_test_fails(tmp_path: Path) -> None:
+    (tmp_path / "test_inner.py").write_text(f"""
+import json, os
+
+def test_uses_a_cluster(fastcluster_server):
+    server = fastcluster_server("cli_apps:asgi_app", workers=2, policy="least")
+    pids = [server.pid, *server.worker_pids()]
+    with open({str(tmp_path / "pids.json")!r}, "w") as f:
+        json.dump(pids, f)
+    assert False, "fails on purpose"
+""")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), TESTS])
+    # -p works whether or not the pytest11 entry point is installed (same name)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "fastcluster.pytest_plugin", "test_inner.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert "1 failed" in proc.stdout, proc.stdout + proc.stderr
+    assert "fails on purpose" in proc.stdout
+    pids = json.loads((tmp_path / "pids.json").read_text())
+    assert len(pids) == 3
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")
+                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
 def test_help_lists_every_setting_and_bad_values_are_named() -> None:
     from fastcluster._cli_options import OPTIONS
 
