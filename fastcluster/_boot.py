@@ -38,6 +38,8 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -45,12 +47,14 @@ import pwd
 import runpy
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, NoReturn
 
 from . import _role
@@ -82,6 +86,7 @@ class MainSpec:
     ref: str = ""  # "module:qualname"
     path: str = ""  # script (exec, path; for a ref in __main__: the main script)
     module: str = ""  # module (module; for a ref in __main__ run with -m)
+    code: CodeType | None = None  # fork: the script compiled in the primary (exec, path)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "argv": self.argv, "ref": self.ref, "path": self.path,
@@ -99,7 +104,8 @@ def main_spec(cfg: Settings, spawn: bool) -> MainSpec:
     args = list(cfg.args) if cfg.args is not None else list(sys.argv[1:])
     if cfg.exec is not None:
         path = os.path.abspath(cfg.exec)
-        return MainSpec("exec", [cfg.exec, *args], path=path)
+        return MainSpec("exec", [cfg.exec, *args], path=path,
+                        code=None if spawn else compiled(path))
     main = sys.modules.get("__main__")
     mspec = getattr(main, "__spec__", None)
     mfile = getattr(main, "__file__", None)
@@ -115,11 +121,60 @@ def main_spec(cfg: Settings, spawn: bool) -> MainSpec:
     if module:
         return MainSpec("module", [argv0, *args], module=module)
     if path:
-        return MainSpec("path", [argv0, *args], path=path)
+        return MainSpec("path", [argv0, *args], path=path,
+                        code=None if spawn else compiled(path))
     raise RuntimeError(
         "cluster.fork(): __main__ has no script or module to run again (interactive "
         "or -c?); give the worker's main with setup_primary(target=...) or exec=..."
     )
+
+
+_compiled: dict[str, tuple[tuple[int, int], CodeType]] = {}
+
+
+def compiled(path: str) -> CodeType | None:
+    """The main script compiled in the primary, once per version of the file
+    (mtime and size), so that a forked worker runs it without compiling it
+    again: a respawn does not pay a compile proportional to the script's
+    size. None for what runpy must handle itself (a directory, a zip, a .pyc,
+    a file we cannot read or compile: the worker then reports the error)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        hit = _compiled.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with io.open_code(path) as f:
+            source = f.read()
+        if source[:2] == b"PK" or source[:4] == importlib.util.MAGIC_NUMBER:
+            return None
+        code = compile(source, path, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    _compiled[path] = (key, code)
+    return code
+
+
+def _exec_main(code: CodeType, path: str) -> None:
+    """runpy.run_path(path, run_name="__main__") for a script compiled already:
+    the same module globals, a fresh __main__ in sys.modules and argv[0]
+    set to the script while it runs."""
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=path, __cached__=None, __doc__=None, __loader__=None,
+                           __package__="", __spec__=None)
+    saved_main, saved_argv0 = sys.modules.get("__main__"), sys.argv[0] if sys.argv else None
+    sys.modules["__main__"] = module
+    if sys.argv:
+        sys.argv[0] = path
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+        if saved_argv0 is not None:
+            sys.argv[0] = saved_argv0
 
 
 def _target_ref(target: Callable[[], object]) -> str:
@@ -253,11 +308,13 @@ def _run_main(spec: MainSpec) -> None:
         spec.target()
     elif spec.kind == "ref":
         _resolve_ref(spec)()
-    elif spec.kind == "exec":
-        sys.path[0:1] = [os.path.dirname(spec.path)]
-        runpy.run_path(spec.path, run_name="__main__")
-    elif spec.kind == "path":
-        runpy.run_path(spec.path, run_name="__main__")
+    elif spec.kind in ("exec", "path"):
+        if spec.kind == "exec":
+            sys.path[0:1] = [os.path.dirname(spec.path)]
+        if spec.code is not None:
+            _exec_main(spec.code, spec.path)
+        else:
+            runpy.run_path(spec.path, run_name="__main__")
     else:
         runpy.run_module(spec.module, run_name="__main__", alter_sys=True)
 

@@ -5,8 +5,11 @@ Theory of operation. A step replaces one old worker: fork a replacement
 (same fork(env=...) extras), wait until it is ready, then disconnect the old
 one gracefully (it stops taking connections, finishes what it holds, exits;
 SIGKILL after graceful_timeout). Ready means the replacement listens on
-every address the old one listened on (or, for a worker that never
-listened, that it is online). Listening sockets belong to the primary and
+every address the old one listens on (also one the old worker starts to
+listen on meanwhile). If the old worker never listened (yet), the
+replacement is ready once it listens on anything, or after SETTLE seconds
+online: a replacement that is merely online, its main not yet run, would
+otherwise retire a worker that was about to listen. Listening sockets belong to the primary and
 stay open the whole time, so connections keep queueing in the kernel and
 the dispatcher hands them to whichever workers are subscribed: at every
 moment at least the old worker or its ready replacement takes them.
@@ -15,9 +18,11 @@ At most `rolling_batch` steps are under way at once. The queue holds the
 ids of workers still to replace:
 
   hup()        on_reload hook, sd_notify RELOADING=1, then the queue becomes
-               every live worker but the replacements already starting:
-               a HUP during a rolling restart starts over from the current
-               set instead of piling up a second restart.
+               every live worker (not leaving): a HUP during a rolling
+               restart starts over from the current set instead of piling
+               up a second restart. A replacement still starting is in the
+               set too (it may run the code from before this HUP); its own
+               replacement starts once it is ready.
   recycle(w)   max_requests / max_rss (_recycle.py): queue one worker.
 
 A replacement that exits before it is ready, or is not ready within
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastcluster")
 
 COOLDOWN = 10.0  # seconds after a failed step before recycling tries again
+SETTLE = 1.0  # seconds online that make ready a replacement of a worker that never listened
 
 
 @dataclass
@@ -95,9 +101,10 @@ class Rolling:
             return
         _hooks.call(p.config(), "on_reload")
         _systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        replacing = {step.old for step in self._steps.values()}  # going anyway
         ids = sorted(wid for wid, proc in p._procs.items()
                      if not proc.dead and not proc.worker.exited_after_disconnect
-                     and wid not in self._steps)
+                     and wid not in replacing)
         log.info("fastcluster: SIGHUP: rolling restart of %d worker(s), %d at a time",
                  len(ids), p.config().rolling_batch)
         self._queue = ids
@@ -118,8 +125,12 @@ class Rolling:
     def pump(self) -> None:
         p = self.p
         batch = p.config().rolling_batch
+        later: list[int] = []  # replacements still starting: their turn comes once ready
         while len(self._steps) < batch and self._queue and p._shutdown is None:
             wid = self._queue.pop(0)
+            if wid in self._steps:
+                later.append(wid)
+                continue
             reason = self._reasons.pop(wid, "")
             old = p._procs.get(wid)
             if old is None or old.dead or old.worker.exited_after_disconnect:
@@ -135,6 +146,7 @@ class Rolling:
             step.timer = p._timers.call_later(p.config().ready_timeout,
                                               functools.partial(self._timed_out, new.id))
             self._steps[new.id] = step
+        self._queue[:0] = later
         if self.reloading and not self.active:
             self.reloading = False
             log.info("fastcluster: rolling restart done")
@@ -143,10 +155,16 @@ class Rolling:
     # -- events from the primary ---------------------------------------------
 
     def on_online(self, proc: _Proc) -> None:
-        self._check(proc)
+        step = self._steps.get(proc.worker.id)
+        if step is not None and not step.need:  # the old one has not listened (yet?)
+            self.p._timers.call_later(SETTLE, functools.partial(self._check, proc))
 
     def on_listening(self, proc: _Proc, wire: Any) -> None:
-        self._addrs.setdefault(proc.worker.id, set()).add(_key(wire))
+        key = _key(wire)
+        self._addrs.setdefault(proc.worker.id, set()).add(key)
+        for step in self._steps.values():
+            if step.old == proc.worker.id:
+                step.need.add(key)  # an old worker that listens late raises the bar
         self._check(proc)
 
     def on_exit(self, proc: _Proc) -> bool:
@@ -180,8 +198,11 @@ class Rolling:
         step = self._steps.get(proc.worker.id)
         if step is None or proc.dead or proc.worker.state == "none":
             return
-        if not step.need <= self._addrs.get(proc.worker.id, set()):
+        have = self._addrs.get(proc.worker.id, set())
+        if not step.need <= have:
             return
+        if not step.need and not have and time.monotonic() - step.started < SETTLE:
+            return  # neither listens: online and SETTLE seconds old is ready
         del self._steps[proc.worker.id]
         if step.timer is not None:
             step.timer.cancel()

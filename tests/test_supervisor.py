@@ -361,12 +361,12 @@ def test_ttin_and_ttou_change_the_worker_count(tmp_path: Path, env: dict[str, st
 
 # -- rolling restart -----------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize(("method", "batch"), [("fork", 1), ("spawn", 1), ("fork", 2)])
 def test_sighup_under_load_replaces_every_worker_without_a_failed_request(
-        tmp_path: Path, env: dict[str, str], method: str) -> None:
+        tmp_path: Path, env: dict[str, str], method: str, batch: int) -> None:
     workers = 3
     path, run_env, port = start(tmp_path, env, workers=workers, graceful_timeout=5,
-                                start_method=method)
+                                start_method=method, rolling_batch=batch)
     with running(path, run_env) as r:
         first = set(pids_of(r.wait_for("listening", workers)))
         load = Load(port, max_requests=20000, max_seconds=25)
@@ -401,8 +401,8 @@ def test_sighup_under_load_replaces_every_worker_without_a_failed_request(
     assert slow == [200]  # its old worker finished it before leaving
     assert not alive & first, (alive, first)
     assert len(alive) == workers
-    # rolling_batch=1: one replacement starting at a time, even across the two HUPs
-    assert most_starting(out, workers) == 1
+    # rolling_batch replacements starting at a time, even across the two HUPs
+    assert most_starting(out, workers) == batch
     assert set(load.pids) & first and set(load.pids) & alive  # served before and after
     old_exits = [ln.split() for ln in out if ln.startswith("exit")
                  and int(ln.split()[2]) in first]
@@ -436,6 +436,38 @@ def test_failed_replacement_keeps_the_old_workers(tmp_path: Path, env: dict[str,
     assert "keeping worker" in said and "rolling restart stopped" in said
     if how == "hang":
         assert "ready_timeout=1.0" in said
+    assert code == 0
+
+
+def test_sighup_runs_the_edited_main_script(tmp_path: Path, env: dict[str, str]) -> None:
+    # fork workers run the script compiled once by the primary: an edit must show
+    body = """
+        import os
+        import fastcluster as cluster
+
+        VERSION = 1
+
+        if cluster.is_primary:
+            cluster.on("message", lambda w, m: print("version", w.id, m, flush=True))
+            cluster.fork()
+            cluster.run()
+        else:
+            cluster.worker.send(VERSION)
+            cluster.listen(("127.0.0.1", 0))
+            cluster.run()
+    """
+    path = script(tmp_path, body)
+    with running(path, env) as r:
+        assert r.wait_for("version")[0] == "version 1 1"
+        path.write_text(path.read_text().replace("VERSION = 1", "VERSION = 22"))
+        r.signal(signal.SIGHUP)
+        assert r.wait_for("version", 2)[1] == "version 2 22"
+        path.write_text(path.read_text().replace("VERSION = 22", "VERSION = (  # broken"))
+        r.signal(signal.SIGHUP)  # the replacement cannot start: worker 2 stays
+        r.wait_for("fastcluster: replacement worker 3", timeout=10)
+        r.signal(signal.SIGTERM)
+        code, out = r.finish()
+    assert "SyntaxError" in "\n".join(out)
     assert code == 0
 
 
