@@ -8,9 +8,10 @@ that (getppid), so a SIGKILLed primary leaves no orphans. Then:
   fork   the child drops the primary's fds, switches fastcluster's module
          globals to the worker role and runs the worker's main in-process:
          `target()`, or the `exec` script, or __main__ again from the top
-         (runpy: run_path for a script, run_module for `python -m`), so that
-         `if cluster.is_primary: ... else: ...` works unchanged and imports
-         done before the fork stay shared copy-on-write.
+         (a script as runpy.run_path would run it, but compiled once in the
+         primary, per version of the file; run_module for `python -m`), so
+         that `if cluster.is_primary: ... else: ...` works unchanged and
+         imports done before the fork stay shared copy-on-write.
   spawn  the child execs a fresh interpreter that runs spawn_main(); the
          worker's fds and what to run travel in FASTCLUSTER_WORKER
          ("id:slot:ctlfd:datafd:tablefd:nslots") and FASTCLUSTER_BOOT
@@ -240,16 +241,21 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
             user = pwd.getpwuid(uid)
     if gid is None and user is not None:
         gid = user.pw_gid
-    if os.geteuid() == 0:
-        groups = [] if gid is None else [gid]
-        if user is not None and gid is not None:
-            with contextlib.suppress(OSError):
-                groups = os.getgrouplist(user.pw_name, gid)
-        os.setgroups(groups)
-    if gid is not None:
-        os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
+    try:
+        if os.geteuid() == 0:
+            groups = [] if gid is None else [gid]
+            if user is not None and gid is not None:
+                with contextlib.suppress(OSError):
+                    groups = os.getgrouplist(user.pw_name, gid)
+            os.setgroups(groups)
+        if gid is not None:
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+    except OSError as e:
+        raise PermissionError(
+            e.errno, f"settings uid={uid!r} gid={gid!r}: the worker cannot switch to them "
+            f"({e.strerror}; the primary runs as uid {os.geteuid()}: only root can)") from None
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

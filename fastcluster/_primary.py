@@ -15,6 +15,12 @@ run() loops:
        control channel or the signal wakeup pipe is ready (EV_WATCH), a
        worker's data channel hung up (EV_WORKER_GONE), or the timeout.
 
+The supervision policies live beside it, each in its own module, called
+from the loop's events: _respawn (replace a worker that died, crash-loop
+backoff), _rolling (SIGHUP and recycling: replacement listening first),
+_recycle (max_requests, max_rss timer), _ready (when_ready, sd_notify),
+_hooks (the hook settings), _heartbeat (hang detection).
+
 Signal handlers only record (signal.set_wakeup_fd wakes the C loop). We
 reap each worker pid rather than waitpid(-1): a primary that also runs
 subprocesses keeps their exit statuses for them.

@@ -624,6 +624,31 @@ def test_uid_gid_dropped_in_the_worker_after_the_primary_binds(tmp_path: Path,
     assert code == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody first")
+def test_uid_the_primary_cannot_switch_to_is_a_clear_worker_error(tmp_path: Path,
+                                                                 env: dict[str, str]) -> None:
+    path = script(tmp_path, """
+        import os, pwd
+        import fastcluster as cluster
+
+        def work():
+            pass
+
+        cluster.setup_primary(target=work, uid="root", respawn=False)
+        import fastcluster._primary, fastcluster.aio, pkgutil  # before /root is out of reach
+        os.setuid(pwd.getpwnam("nobody").pw_uid)  # an unprivileged primary
+        cluster.on("exit", lambda w, code, sig: print("exit", code, sig, flush=True))
+        cluster.fork()
+        cluster.run()
+    """)
+    with running(path, env) as r:
+        code, out = r.finish()
+    text = "\n".join(out)
+    assert "exit 1 None" in out, text
+    assert "settings uid=0 gid=0: the worker cannot switch to them" in text
+    assert code == 0
+
+
 # -- systemd -------------------------------------------------------------------
 
 def test_systemd_socket_activation_and_notify(tmp_path: Path, env: dict[str, str]) -> None:
