@@ -425,6 +425,7 @@ class Primary:
 
     def handle_term(self) -> None:
         if self._shutdown is None:  # a repeated TERM (sent to the group, say) stays graceful
+            self._ready.stopping()  # sd_notify STOPPING=1 now, drain_delay or not
             self.health.drain(self.shutdown)  # /readyz fails, drain_delay, then graceful
 
     def handle_quit(self) -> None:

@@ -529,6 +529,8 @@ def pre_fork(w):
 
 def post_fork(w):
     print("hook post_fork", w.id, w.pid == os.getpid(), flush=True)
+    if w.id == 1:
+        raise RuntimeError("post_fork boom")
 
 def worker_exit(w, code, sig):
     print("hook worker_exit", w.id, code, sig, flush=True)
@@ -564,6 +566,10 @@ def test_hooks(tmp_path: Path, env: dict[str, str]) -> None:
         "hook worker_exit 3 0 None", "hook worker_exit 4 0 None"]
     assert any("the pre_fork hook" in ln and "raised; ignored" in ln for ln in out)
     assert "RuntimeError: pre_fork boom" in "\n".join(out)
+    assert any("the post_fork hook" in ln and "raised; ignored" in ln for ln in out)
+    assert "RuntimeError: post_fork boom" in "\n".join(out)  # and worker 1 served on:
+    assert sorted(h for h in hooks if h.startswith("hook worker_exit"))[0] == \
+        "hook worker_exit 1 0 None"
     assert code == 0
 
 
