@@ -139,17 +139,14 @@ def test_worker_out_of_fds_hands_on_its_connections_and_is_replaced(
             first = {int(ln.split()[2]): int(ln.split()[1]) for ln in r.wait_for("serving", 2)}
             low_pid, normal_pid = first[1], first[2]
             # connections that never send: the low worker's threads hold them
-            # until it runs out of fds; what it cannot take goes to the other
+            # until it runs out of fds; a batch it cannot take goes to the
+            # other, and it leaves (at once if it held nothing yet)
             for _ in range(80):
                 idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
             time.sleep(0.5)
-            try:
-                cpu0 = cpu_seconds(r.pid), cpu_seconds(low_pid)
-                time.sleep(1.0)
-                quiet_cpu = cpu_seconds(r.pid) - cpu0[0], cpu_seconds(low_pid) - cpu0[1]
-            except FileNotFoundError:
-                r.readline(1.0)
-                raise AssertionError("a process died:\n" + "\n".join(r.seen)) from None
+            cpu0 = cpu_seconds(r.pid)
+            time.sleep(1.0)
+            quiet_cpu = cpu_seconds(r.pid) - cpu0
             degraded = [request(port) for _ in range(100)]
             for s in idle:
                 s.close()
@@ -165,11 +162,11 @@ def test_worker_out_of_fds_hands_on_its_connections_and_is_replaced(
             s.close()
     assert code == 0, out
     assert all(ok for ok, _ in degraded), degraded
-    assert {pid for _, pid in degraded} == {str(normal_pid)}
-    assert quiet_cpu[0] < 0.05 and quiet_cpu[1] < 0.05, quiet_cpu
+    assert str(low_pid) not in {pid for _, pid in degraded}
+    assert quiet_cpu < 0.05, quiet_cpu
     assert len(pids_after) == 2 and str(normal_pid) in pids_after
     assert str(low_pid) not in pids_after
     assert "taking no more connections" in "\n".join(out)
     print(f"worker EMFILE: 80 idle connections, 100 requests while degraded, "
-          f"{sum(not ok for ok, _ in degraded)} failed; CPU over 1 s: primary "
-          f"{quiet_cpu[0]:.3f} s, exhausted worker {quiet_cpu[1]:.3f} s")
+          f"{sum(not ok for ok, _ in degraded)} failed; primary CPU over 1 s "
+          f"{quiet_cpu:.3f} s")
