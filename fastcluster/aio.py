@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _heartbeat, _role
-from ._listener import IntakeListener, Listener, Release, SocketListener
+from ._listener import IntakeListener, Listener, SocketListener
 
 __all__ = ["Server", "create_server", "start_server"]
 
@@ -94,7 +94,8 @@ async def start_server(client_connected_cb: Callable[[asyncio.StreamReader,
 
 def _track(proto: asyncio.BaseProtocol, on_made: Callable[[], None] | None,
            on_lost: Callable[[], None]) -> asyncio.BaseProtocol:
-    """Makes proto call on_made/on_lost around its own connection_made/lost."""
+    """Makes proto call on_made/on_lost around its own connection_made/lost
+    (the general way, for protocols _Counting cannot retype)."""
     orig_made = proto.connection_made
     orig_lost = proto.connection_lost
 
@@ -116,6 +117,68 @@ def _track(proto: asyncio.BaseProtocol, on_made: Callable[[], None] | None,
     except AttributeError:  # __slots__: wrap it instead
         cls = _BufferedProxy if isinstance(proto, asyncio.BufferedProtocol) else _Proxy
         return cls(proto, connection_made, connection_lost)
+
+
+class _Counting:
+    """Counts a server's connections by retyping each new protocol object to
+    a subclass of its own class, made once per class, whose
+    connection_made/connection_lost call the hooks around the original ones.
+
+    Per connection that is one __class__ assignment instead of two closures
+    and two bound-method attributes (_track): about 0.2 µs instead of 2 on
+    the worker's per-connection path. The protocol keeps its behaviour and
+    isinstance(); only type(proto) is the subclass. Classes that cannot be
+    retyped (C types, incompatible __slots__) fall back to _track."""
+
+    def __init__(self, made: Callable[[Any], None] | None,
+                 lost: Callable[[Any], None], needs_dict: bool = False) -> None:
+        self._needs_dict = needs_dict  # the hooks keep state on the protocol
+        self._made = made
+        self._lost = lost
+        self._subclasses: dict[type, type | None] = {}
+
+    def adopt(self, proto: asyncio.BaseProtocol) -> bool:
+        """Retypes proto; False if its class cannot be (use _track then)."""
+        cls = type(proto)
+        sub = self._subclasses.get(cls, cls)
+        if sub is cls:
+            sub = self._subclasses[cls] = self._subclass(cls)
+        if sub is None:
+            return False
+        own = getattr(proto, "__dict__", None)
+        if own and ("connection_made" in own or "connection_lost" in own):
+            return False  # hooks set on the instance would shadow the subclass's
+        try:
+            proto.__class__ = sub
+        except TypeError:
+            self._subclasses[cls] = None
+            return False
+        return True
+
+    def _subclass(self, cls: type[Any]) -> type | None:
+        if self._needs_dict and not cls.__dictoffset__:
+            return None
+        made, lost = self._made, self._lost
+        cls_made, cls_lost = cls.connection_made, cls.connection_lost
+
+        def connection_made(proto: Any, transport: asyncio.BaseTransport) -> None:
+            if made is not None:
+                made(proto)
+            cls_made(proto, transport)
+
+        def connection_lost(proto: Any, exc: Exception | None) -> None:
+            try:
+                cls_lost(proto, exc)
+            finally:
+                lost(proto)
+
+        try:
+            return type(cls.__name__, (cls,), {
+                "__slots__": (), "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "connection_made": connection_made, "connection_lost": connection_lost})
+        except TypeError:  # a class that cannot be subclassed
+            return None
 
 
 class _Proxy(asyncio.Protocol):
@@ -171,7 +234,15 @@ class _Conn:
         self.done = False
 
     def protocol(self) -> asyncio.BaseProtocol:
-        return _track(self.server._factory(), None, self.lost)
+        proto = self.server._factory()
+        if self.server._counting.adopt(proto):
+            proto._fc_conn = self  # type: ignore[attr-defined]
+            return proto
+        return _track(proto, None, self.lost)
+
+    @staticmethod
+    def lost_of(proto: Any) -> None:
+        proto._fc_conn.lost()
 
     def lost(self) -> None:
         if not self.done:
@@ -211,6 +282,10 @@ class Server:
         self._waiters: list[asyncio.Future[None]] = []
         self._serve_fut: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        if isinstance(listener, SocketListener):  # asyncio accepts, we count
+            self._counting = _Counting(self._counted_open, self._counted_closed)
+        else:  # the intake's fds: _Conn counts, and also covers a failed set-up
+            self._counting = _Counting(None, _Conn.lost_of, needs_dict=True)
 
     async def _open(self, start_serving: bool, backlog: int | None) -> None:
         if isinstance(self._listener, SocketListener):
@@ -225,23 +300,33 @@ class Server:
 
     # -- connections ---------------------------------------------------------
 
+    # shared/reuseport: asyncio calls connection_made once per accepted
+    # connection and connection_lost once after it, so no once-guard here
+
     def _conn_opened(self) -> None:
         self._conns += 1
         rt = _role.runtime
-        if rt is not None and isinstance(self._listener, SocketListener):
+        if rt is not None:
             rt.conn_opened()
 
     def _conn_closed(self) -> None:
         self._conns -= 1
         rt = _role.runtime
-        if rt is not None and isinstance(self._listener, SocketListener):
+        if rt is not None:
             rt.conn_closed()
         self._wake_waiters()
 
+    def _counted_open(self, _proto: Any) -> None:
+        self._conn_opened()
+
+    def _counted_closed(self, _proto: Any) -> None:
+        self._conn_closed()
+
     def _socket_protocol(self) -> asyncio.BaseProtocol:
-        done = Release(self._conn_closed)
-        made = Release(self._conn_opened)
-        return _track(self._factory(), made, done)
+        proto = self._factory()
+        if self._counting.adopt(proto):
+            return proto
+        return _track(proto, self._conn_opened, self._conn_closed)
 
     def _start_reading(self) -> None:
         if self._reading or self._closed or (self._stopped and not self._pending()):

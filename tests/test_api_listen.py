@@ -450,3 +450,87 @@ def test_hello_example(env: dict[str, str]) -> None:
     assert code == 0
     assert sorted(ln for ln in out if ln.endswith("died")) == sorted(
         f"Worker {pid} died" for pid in worker_pids)
+
+
+
+COUNTING_WORKER = """
+import asyncio, os
+import fastcluster as cluster
+import fastcluster.aio
+
+RETYPED = set()  # per protocol object served: is its type a counting subclass?
+
+class Plain(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        RETYPED.add(type(self) not in (Plain, Slotted, Closure))
+        if data.endswith(b"\\r\\n\\r\\n"):
+            self.transport.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+            if b"close" in data.lower():
+                self.transport.close()
+
+class Slotted(asyncio.Protocol):
+    __slots__ = ("transport",)  # no __dict__: the intake cannot keep state on it
+    connection_made = Plain.connection_made
+    data_received = Plain.data_received
+
+class Closure(asyncio.Protocol):  # hooks set on the instance, as some servers do
+    def __init__(self):
+        self.connection_made = lambda t: setattr(self, "transport", t)
+        self.connection_lost = lambda exc: None
+    data_received = Plain.data_received
+
+async def main():
+    kind = {"plain": Plain, "slotted": Slotted, "closure": Closure}[os.environ["PROTO"]]
+    server = await fastcluster.aio.create_server(kind, ("127.0.0.1", int(os.environ["PORT"])))
+    cluster.worker.send("ready")
+    last = None
+    while True:  # reports the open-connection count whenever it changes
+        retyped = RETYPED == {True}
+        if (server._conns, retyped) != last:
+            last = (server._conns, retyped)
+            cluster.worker.send(["open", *last])
+        await asyncio.sleep(0.02)
+
+if cluster.is_primary:
+    w = cluster.fork()
+    w.on("message", lambda m: print(m if m == "ready" else " ".join(map(str, m)), flush=True))
+    cluster.run()
+else:
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("proto", ["plain", "slotted", "closure"])
+@pytest.mark.parametrize("policy", ["rr", "shared"])
+def test_aio_counts_connections_of_any_protocol_class(tmp_path: Path, env: dict[str, str],
+                                                      policy: str, proto: str) -> None:
+    """fastcluster.aio counts open connections (status, graceful drain) by
+    retyping each protocol object to a counting subclass, or by wrapping it
+    where that cannot work; every shape counts up and back down to zero."""
+    path = script(tmp_path, COUNTING_WORKER)
+    port = free_port()
+    run_env = dict(env, PROTO=proto, PORT=str(port), FASTCLUSTER_POLICY=policy)
+    # retyped: plain always; slotted only where no state is kept on it (shared);
+    # closure never (its instance hooks would shadow the subclass's)
+    retyped = {"plain": True, "slotted": policy == "shared", "closure": False}[proto]
+    with running(path, run_env) as r:
+        r.wait_for("ready", timeout=10)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(3)]
+        try:
+            for s in held:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(100).endswith(b"ok")
+            for _ in range(20):
+                status, _h, body = http_get(port)
+                assert (status, body) == (200, b"ok")
+            r.wait_for(f"open 3 {retyped}", timeout=5)
+        finally:
+            for s in held:
+                s.close()
+        r.wait_for(f"open 0 {retyped}", timeout=5)
+        assert not [ln for ln in r.seen if ln.startswith("open -")], r.seen
+        r.signal(signal.SIGTERM)
+        code, out = r.finish()
+    assert code == 0, out
