@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._settings import RELOAD_SIGNALS
+
 ENV_PREFIX = "FASTCLUSTER_"
 POLICIES = ("rr", "least", "shared", "reuseport")
 
@@ -103,6 +105,14 @@ def _size(text: str) -> int:
     if not number.isdigit():
         raise ValueError(allowed)
     return int(number) * _UNITS[unit]
+
+
+def _signal_name(text: str) -> str:
+    sig = text.strip().upper()
+    sig = sig if sig.startswith("SIG") else "SIG" + sig
+    if sig not in RELOAD_SIGNALS:
+        raise ValueError("one of " + ", ".join(RELOAD_SIGNALS))
+    return sig
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -225,6 +235,9 @@ OPTIONS: tuple[Option, ...] = (
            "SIZE"),
     Option("rolling_batch", _int_range(1, 64), 1,
            "workers replaced at once by a rolling restart (SIGHUP)", "N"),
+    Option("reload_on", _signal_name, "SIGHUP",
+           "the signal that starts a rolling restart: SIGHUP, SIGUSR1 or SIGUSR2 (with "
+           "another one, a SIGHUP is logged and ignored)", "SIGNAL"),
     Option("ready_timeout", _seconds, 30.0,
            "seconds a replacement worker gets to listen before it is given up", "S"),
     Option("user", _text, "", "run the workers as this user (name or id; the primary "

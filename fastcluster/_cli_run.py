@@ -226,6 +226,7 @@ def run(settings: dict[str, Any]) -> int:
                               max_requests_jitter=settings["max_requests_jitter"],
                               max_rss=settings["max_rss"],
                               rolling_batch=settings["rolling_batch"],
+                              reload_signal=settings["reload_on"],
                               ready_timeout=settings["ready_timeout"],
                               uid=_id_or_name(settings["user"]),
                               gid=_id_or_name(settings["group"]))

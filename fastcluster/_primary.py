@@ -394,8 +394,12 @@ class Primary:
         if self.dispatcher is None or threading.current_thread() is not threading.main_thread():
             return None
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
-        for sig in self.SIGNALS:
+        sigs: tuple[signal.Signals, ...] = self.SIGNALS
+        reload_sig = signal.Signals[self.config().reload_signal]
+        if reload_sig not in sigs:  # SIGUSR1/2 are taken only when they reload
+            sigs = (*sigs, reload_sig)
+        saved = {sig: signal.getsignal(sig) for sig in sigs}
+        for sig in sigs:
             signal.signal(sig, self._record_signal)
         return old_fd, saved
 
@@ -411,11 +415,19 @@ class Primary:
         self._signals.append(signum)  # only record: the loop acts
 
     def _handle_signals(self) -> None:
+        reload_name = self.config().reload_signal
         while self._signals:
             signum = self._signals.popleft()
-            handler = getattr(self, "handle_" + signal_name(signum)[3:].lower(), None)
-            if handler is not None:
-                handler()
+            name = signal_name(signum)
+            if name == reload_name:
+                self._rolling.hup(name)
+            elif name == "SIGHUP":  # reload_signal moved elsewhere: a hangup is not a reload
+                log.warning("fastcluster: SIGHUP ignored: rolling restarts are on %s "
+                            "(reload_signal)", reload_name)
+            else:
+                handler = getattr(self, "handle_" + name[3:].lower(), None)
+                if handler is not None:
+                    handler()
 
     def handle_chld(self) -> None:
         self._reap_wanted = True
@@ -430,9 +442,6 @@ class Primary:
 
     def handle_quit(self) -> None:
         self.shutdown(graceful=False)
-
-    def handle_hup(self) -> None:
-        self._rolling.hup()
 
     def handle_ttin(self) -> None:
         if self._shutdown is None:

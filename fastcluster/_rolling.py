@@ -95,7 +95,7 @@ class Rolling:
 
     # -- starting ------------------------------------------------------------
 
-    def hup(self) -> None:
+    def hup(self, signame: str = "SIGHUP") -> None:
         p = self.p
         if p._shutdown is not None or p._stopping:
             return
@@ -105,10 +105,10 @@ class Rolling:
         ids = sorted(wid for wid, proc in p._procs.items()
                      if not proc.dead and not proc.worker.exited_after_disconnect
                      and wid not in replacing)
-        log.info("fastcluster: SIGHUP: rolling restart of %d worker(s), %d at a time",
-                 len(ids), p.config().rolling_batch)
+        log.info("fastcluster: %s: rolling restart of %d worker(s), %d at a time",
+                 signame, len(ids), p.config().rolling_batch)
         self._queue = ids
-        self._reasons = dict.fromkeys(ids, "SIGHUP")
+        self._reasons = dict.fromkeys(ids, signame)
         self.reloading = True
         self.pump()
 

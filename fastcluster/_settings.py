@@ -50,6 +50,7 @@ class Settings:
     health: str | None = None  # "HOST:PORT" of /healthz and /readyz (_health); None: off
     drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
     rolling_batch: int = 1  # workers replaced at once by a rolling restart (HUP)
+    reload_signal: str = "SIGHUP"  # the signal that starts a rolling restart (RELOAD_SIGNALS)
     ready_timeout: float = 30.0  # seconds a replacement gets to listen, else it is killed
     max_requests: int = 0  # recycle a worker after this many requests (0: off)
     max_requests_jitter: int = 0  # + random 0..jitter, so workers do not recycle in step
@@ -137,6 +138,21 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
         return value
 
     return check
+
+
+RELOAD_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def _reload_signal(name: str, value: Any) -> str:
+    """'SIGHUP', 'hup' and 'HUP' are the same signal."""
+    allowed = "one of " + ", ".join(map(repr, RELOAD_SIGNALS))
+    if not isinstance(value, str):
+        raise _bad(name, value, allowed)
+    sig = value.strip().upper()
+    sig = sig if sig.startswith("SIG") else "SIG" + sig
+    if sig not in RELOAD_SIGNALS:
+        raise _bad(name, value, allowed, ValueError)
+    return sig
 
 
 def _env(name: str, value: Any) -> dict[str, str]:
@@ -229,6 +245,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "respawn_delay_max": _positive_float,
     "respawn_stable": _positive_float,
     "rolling_batch": _int_range(1, 64),
+    "reload_signal": _reload_signal,
     "ready_timeout": _positive_float,
     "max_requests": _int_range(0, 1 << 62),
     "max_requests_jitter": _int_range(0, 1 << 62),

@@ -240,9 +240,11 @@ def _load(server: ClusterServer, stop: threading.Event, counts: dict[str, int],
             counts.setdefault("errors", []).append(repr(e))  # type: ignore[attr-defined]
 
 
-def test_sighup_rolling_restart_through_the_cli_fails_no_request(fastcluster_server: Any
-                                                                  ) -> None:
-    server = fastcluster_server("cli_apps:asgi_app", workers=2)
+@pytest.mark.parametrize("reload_on", ["SIGHUP", "SIGUSR1"])
+def test_sighup_rolling_restart_through_the_cli_fails_no_request(fastcluster_server: Any,
+                                                                  reload_on: str) -> None:
+    args = () if reload_on == "SIGHUP" else ("--reload-on", reload_on)
+    server = fastcluster_server("cli_apps:asgi_app", workers=2, args=args)
     old = set(server.worker_pids())
     stop = threading.Event()
     counts: dict[str, Any] = {"ok": 0, "failed": 0}
@@ -253,7 +255,7 @@ def test_sighup_rolling_restart_through_the_cli_fails_no_request(fastcluster_ser
     try:
         time.sleep(0.3)
         at_hup = counts["ok"]
-        server.signal(signal.SIGHUP)
+        server.signal(signal.Signals[reload_on])
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             doc = server.status()

@@ -471,6 +471,34 @@ def test_sighup_runs_the_edited_main_script(tmp_path: Path, env: dict[str, str])
     assert code == 0
 
 
+def test_reload_signal_moves_the_rolling_restart_to_sigusr2(tmp_path: Path,
+                                                            env: dict[str, str]) -> None:
+    body = """
+        import os
+        import fastcluster as cluster
+
+        if cluster.is_primary:
+            cluster.setup_primary(reload_signal="usr2")
+            cluster.on("listening", lambda w, a: print("listening", w.id, flush=True))
+            cluster.fork()
+            cluster.run()
+        else:
+            cluster.listen(("127.0.0.1", 0))
+            cluster.run()
+    """
+    path = script(tmp_path, body)
+    with running(path, env) as r:
+        r.wait_for("listening 1")
+        r.signal(signal.SIGHUP)  # a hangup is not a reload now: logged, nobody replaced
+        r.wait_for("fastcluster: SIGHUP ignored: rolling restarts are on SIGUSR2")
+        r.signal(signal.SIGUSR2)
+        r.wait_for("listening 2")
+        r.signal(signal.SIGTERM)
+        code, out = r.finish()
+    assert code == 0, out
+    assert [ln for ln in out if ln.startswith("listening")] == ["listening 1", "listening 2"]
+
+
 # -- recycling -----------------------------------------------------------------
 
 def test_max_requests_recycles_without_a_failed_request(tmp_path: Path,
