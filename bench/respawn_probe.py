@@ -17,8 +17,8 @@ first connection the dispatcher hands it. The cluster runs with
 respawn_stable=0.3, so a worker older than 0.3 s is replaced at once (the
 default is 10 s: a younger death is a crash and backs off, which is not what
 this measures). Unlike `python -m bench`'s respawn scenario (the bench
-server, which imports uvloop after the fork, under 4 x wrk-like clients),
-this isolates fastcluster's own part. Bounded: --kills, and 120 s in all.
+server on uvloop, under 4 load-generating client processes), this isolates
+fastcluster's own part. Bounded: --kills, and 120 s in all.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ import _hello
 
 import fastcluster as cluster
 
+# Imported at the top, as an app imports its dependencies: with fork, workers
+# (replacements included) share what the primary imported before forking.
+with contextlib.suppress(ImportError):
+    import uvloop  # noqa: F401
+
 PORT = int(os.environ.get("PORT", "8000"))
 WORKERS = int(os.environ.get("WORKERS", "2"))
 POLICY = os.environ.get("POLICY", "rr")
