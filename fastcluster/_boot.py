@@ -335,7 +335,8 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _flush() -> None:
+def flush_stdio() -> None:
+    """Flushes stdout and stderr, whatever state they are in."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -368,7 +369,7 @@ def run_worker(runtime: WorkerRuntime, spec: MainSpec, settings: dict[str, Any])
         code = 1
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
-    _flush()
+    flush_stdio()
     return code
 
 
@@ -430,5 +431,5 @@ def spawn_main() -> NoReturn:
     except BaseException:
         traceback.print_exc()
     finally:
-        _flush()
+        flush_stdio()
         os._exit(code)

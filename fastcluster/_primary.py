@@ -46,7 +46,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -102,15 +101,6 @@ class _Proc:
 
 def _core_policy(policy: str) -> int:
     return POLICY_LEAST if policy == "least" else POLICY_RR
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
 
 
 class Primary:
@@ -238,7 +228,7 @@ class Primary:
         env = {**cfg.env, **extra}
         parent = os.getpid()
         _hooks.call(cfg, "pre_fork", worker)
-        _flush_stdio()
+        _boot.flush_stdio()  # or the child would print the primary's buffered output again
         try:
             pid = os.fork()
         except BaseException:
