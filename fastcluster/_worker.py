@@ -57,7 +57,10 @@ log = logging.getLogger("fastcluster")
 TICK = 0.05  # seconds between drain checks while disconnecting
 REQUEST_TIMEOUT = 30.0  # seconds to wait for the primary's answer to a listen
 EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel closed
-AIO_RETURN_GRACE = 1.0  # seconds an asyncio main gets to return by itself
+# Seconds an asyncio main gets to return by itself once its servers ended
+# (asyncio.run()'s teardown included: a kick landing in it fails the worker,
+# uvloop: "Cannot close a running event loop"); then it is kicked.
+AIO_RETURN_GRACE = 5.0
 
 
 class _Waiter:
@@ -384,6 +387,10 @@ class WorkerRuntime:
             return
         self.state = "disconnected"
         self.worker.state = "disconnected"
+        # Taken now: the loop may run server._finish (which removes the server
+        # from self._servers) before this thread looks again, and an asyncio
+        # main would then be kicked at once, in the middle of its own return.
+        had_servers = bool(self._servers)
         for server in list(self._servers):
             self._deliver(server._finish)
         with self.ctl.lock:
@@ -395,7 +402,7 @@ class WorkerRuntime:
         self._deliver(self.worker.emit, "disconnect")
         self._finished.set()
         if kick and not self._main_returned and not self._in_serve:
-            if self._servers:  # an asyncio main: its servers end; let it return
+            if had_servers:  # an asyncio main: its servers end; let it return
                 self._main_done.wait(AIO_RETURN_GRACE)
             if not self._main_returned and not self._in_serve:
                 self._kick_main()
