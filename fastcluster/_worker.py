@@ -60,7 +60,7 @@ EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel close
 # Seconds an asyncio main gets to return by itself once its servers ended
 # (asyncio.run()'s teardown included: a kick landing in it fails the worker,
 # uvloop: "Cannot close a running event loop"); then it is kicked.
-AIO_RETURN_GRACE = 5.0
+AIO_RETURN_GRACE = 2.0
 
 
 class _Waiter:

@@ -381,8 +381,12 @@ def _serve_and_check(tmp_path: Path, env: dict[str, str], kind: str, policy: str
         code, out = r.finish()
     assert code == 0, out
     assert sorted(ln for ln in out if ln.startswith("exit")) == ["exit 0 None"] * 2, out
-    if policy in ("rr", "least"):
+    if policy == "rr":
         assert len(pids) == 2 and min(pids.values()) >= 15, pids
+    if policy == "least":  # ties go round robin, but a worker's count of open
+        # connections drops only once it has closed one: on a busy machine
+        # that lags, and the sequential requests lean to the other worker
+        assert len(pids) == 2 and min(pids.values()) >= 4, pids
     if kind != "http":
         assert out.count("serve_forever returned [True]") == 2, out
     if kind == "uvloop":
@@ -490,13 +494,19 @@ async def main():
     kind = {"plain": Plain, "slotted": Slotted, "closure": Closure}[os.environ["PROTO"]]
     server = await fastcluster.aio.create_server(kind, ("127.0.0.1", int(os.environ["PORT"])))
     cluster.worker.send("ready")
-    last = None
-    while True:  # reports the open-connection count whenever it changes
-        retyped = RETYPED == {True}
-        if (server._conns, retyped) != last:
-            last = (server._conns, retyped)
-            cluster.worker.send(["open", *last])
-        await asyncio.sleep(0.02)
+
+    async def report():  # the open-connection count whenever it changes
+        last = None
+        while True:
+            retyped = RETYPED == {True}
+            if (server._conns, retyped) != last:
+                last = (server._conns, retyped)
+                cluster.worker.send(["open", *last])
+            await asyncio.sleep(0.02)
+
+    reporter = asyncio.create_task(report())
+    await server.serve_forever()
+    reporter.cancel()
 
 if cluster.is_primary:
     w = cluster.fork()
