@@ -111,7 +111,9 @@ def test_worker_flooding_its_data_channel_does_not_hurt_the_primary(
                    "--connections", "2000", "--concurrency", "16")
     assert out["client"]["failures"] == {}
     assert sum(out["client"]["replies"].values()) == 2000
-    assert out["client"]["replies"].get("1", 0) >= 1000  # the good worker kept its share
+    # the good worker kept about its half (rr skips a worker whose window is
+    # full, so on a busy machine a few dozen may land either way)
+    assert out["client"]["replies"].get("1", 0) >= 900
 
 
 def test_worker_hanging_up_its_channel_hands_its_fds_on(python_env: dict[str, str]) -> None:
