@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._settings import RELOAD_SIGNALS
+from ._settings import RELOAD_SIGNALS, reload_signal_name
 
 ENV_PREFIX = "FASTCLUSTER_"
 POLICIES = ("rr", "least", "shared", "reuseport")
@@ -108,9 +108,8 @@ def _size(text: str) -> int:
 
 
 def _signal_name(text: str) -> str:
-    sig = text.strip().upper()
-    sig = sig if sig.startswith("SIG") else "SIG" + sig
-    if sig not in RELOAD_SIGNALS:
+    sig = reload_signal_name(text)
+    if sig is None:
         raise ValueError("one of " + ", ".join(RELOAD_SIGNALS))
     return sig
 

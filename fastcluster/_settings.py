@@ -143,14 +143,20 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 RELOAD_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
 
 
+def reload_signal_name(text: str) -> str | None:
+    """'SIGUSR2', 'usr2' and 'USR2' are the same signal; None if not one of
+    RELOAD_SIGNALS (also the parser of the CLI's --reload-on)."""
+    sig = text.strip().upper()
+    sig = sig if sig.startswith("SIG") else "SIG" + sig
+    return sig if sig in RELOAD_SIGNALS else None
+
+
 def _reload_signal(name: str, value: Any) -> str:
-    """'SIGHUP', 'hup' and 'HUP' are the same signal."""
     allowed = "one of " + ", ".join(map(repr, RELOAD_SIGNALS))
     if not isinstance(value, str):
         raise _bad(name, value, allowed)
-    sig = value.strip().upper()
-    sig = sig if sig.startswith("SIG") else "SIG" + sig
-    if sig not in RELOAD_SIGNALS:
+    sig = reload_signal_name(value)
+    if sig is None:
         raise _bad(name, value, allowed, ValueError)
     return sig
 

@@ -283,7 +283,7 @@ class Server:
         self._serve_fut: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         if isinstance(listener, SocketListener):  # asyncio accepts, we count
-            self._counting = _Counting(self._counted_open, self._counted_closed)
+            self._counting = _Counting(self._conn_opened, self._conn_closed)
         else:  # the intake's fds: _Conn counts, and also covers a failed set-up
             self._counting = _Counting(None, _Conn.lost_of, needs_dict=True)
 
@@ -303,24 +303,18 @@ class Server:
     # shared/reuseport: asyncio calls connection_made once per accepted
     # connection and connection_lost once after it, so no once-guard here
 
-    def _conn_opened(self) -> None:
+    def _conn_opened(self, _proto: Any = None) -> None:
         self._conns += 1
         rt = _role.runtime
         if rt is not None:
             rt.conn_opened()
 
-    def _conn_closed(self) -> None:
+    def _conn_closed(self, _proto: Any = None) -> None:
         self._conns -= 1
         rt = _role.runtime
         if rt is not None:
             rt.conn_closed()
         self._wake_waiters()
-
-    def _counted_open(self, _proto: Any) -> None:
-        self._conn_opened()
-
-    def _counted_closed(self, _proto: Any) -> None:
-        self._conn_closed()
 
     def _socket_protocol(self) -> asyncio.BaseProtocol:
         proto = self._factory()

@@ -40,10 +40,12 @@ def script(tmp_path: Path, body: str, name: str = "scenario.py") -> Path:
 
 
 def run(path: Path, env: dict[str, str], timeout: float = 15.0,
-        args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """Runs a script to its end; kills it (and fails) after timeout."""
-    return subprocess.run([sys.executable, str(path), *args], env=env, cwd=path.parent,
-                          capture_output=True, text=True, timeout=timeout)
+        args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()
+        ) -> subprocess.CompletedProcess[str]:
+    """Runs a script to its end (under prefix, a command such as setpriv, if
+    given); kills it (and fails) after timeout."""
+    return subprocess.run([*prefix, sys.executable, str(path), *args], env=env,
+                          cwd=path.parent, capture_output=True, text=True, timeout=timeout)
 
 
 def lines(out: str, prefix: str = "") -> list[str]:

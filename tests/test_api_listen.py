@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -104,15 +102,14 @@ def test_bind_privileged_port_eacces(tmp_path: Path, env: dict[str, str]) -> Non
             cluster.run()  # until the primary disconnects it: a main that returned
                            # would end the worker unasked, and respawn would replace it
     """)
-    prefix: list[str] = []
+    prefix: tuple[str, ...] = ()
     if os.geteuid() == 0:  # root may bind low ports: run without that capability
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("runs as root and util-linux's setpriv is missing to drop "
                         "CAP_NET_BIND_SERVICE")
-        prefix = [setpriv, "--bounding-set", "-net_bind_service", "--"]
-    proc = subprocess.run([*prefix, sys.executable, str(path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=15)
+        prefix = (setpriv, "--bounding-set", "-net_bind_service", "--")
+    proc = run(path, env, prefix=prefix)
     assert proc.returncode == 0, proc.stderr
     assert lines(proc.stdout) == ["EACCES"]
 
