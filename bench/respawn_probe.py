@@ -173,13 +173,30 @@ def drive(args: argparse.Namespace) -> None:
     if not accepting:
         raise SystemExit("nothing measured")
     load = os.getloadavg()[0]
-    print(f"respawn probe: {len(accepting)} SIGKILLs, start_method={args.method}, "
-          f"{args.workers} workers, {args.clients} client thread(s), load average {load:.2f}")
+    lines = [f"respawn probe: {len(accepting)} SIGKILLs, start_method={args.method}, "
+             f"{args.workers} workers, {args.clients} client thread(s), "
+             f"load average {load:.2f}"]
     for name, vals in (("replacement main starts", mains),
                        ("replacement accepting", accepting)):
-        print(f"  {name:24s} median {statistics.median(vals):7.2f} ms   "
-              f"min {min(vals):7.2f}   max {max(vals):7.2f}")
-    print(f"  failed client connections: {failed[0]} (those the killed worker held)")
+        lines.append(f"  {name:24s} median {statistics.median(vals):7.2f} ms   "
+                     f"min {min(vals):7.2f}   max {max(vals):7.2f}")
+    lines.append(f"  failed client connections: {failed[0]} (those the killed worker held)")
+    print("\n".join(lines))
+    if args.out:
+        write_report(args.out, lines)
+
+
+def write_report(path: str, lines: list[str]) -> None:
+    """The printed figures, with the command, date and commit they belong to."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    head = [f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+            f"`python bench/respawn_probe.py {' '.join(sys.argv[1:])}`", "",
+            f"fastcluster commit {commit}, {os.cpu_count()} CPUs, "
+            f"Python {sys.version.split()[0]}", "", "```"]
+    with open(path, "w") as f:
+        f.write("\n".join([*head, *lines, "```", ""]))
+    print(f"wrote {path}")
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
@@ -202,6 +219,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--gap", type=float, default=0.6, help="seconds between kills")
+    ap.add_argument("--out", help="also write the figures to this Markdown file "
+                    "(bench/results/<date>-respawn-probe-<method>.md, say)")
     drive(ap.parse_args())
 
 

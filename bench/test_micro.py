@@ -42,6 +42,7 @@ def test_fd_passing(benchmark: Any, pair: tuple[socket.socket, socket.socket], b
         got, _ = recv(rfd)
         for fd in got:
             close(fd)
+        assert len(got) == batch  # a short batch would time less work
 
     benchmark(round_trip)
     benchmark.extra_info["fds_per_second"] = batch / benchmark.stats.stats.mean
@@ -59,8 +60,10 @@ def test_worker_intake(benchmark: Any, pair: tuple[socket.socket, socket.socket]
 
     def intake() -> None:
         _core.send_fds(sfd, fds)
-        for _tag, fd in ch.recv() or ():
+        got = ch.recv() or ()
+        for _tag, fd in got:
             os.close(fd)
+        assert len(got) == 64
 
     benchmark(intake)
     benchmark.extra_info["fds_per_second"] = 64 / benchmark.stats.stats.mean
@@ -92,10 +95,14 @@ def test_dispatch_batch(benchmark: Any) -> None:
     clients: list[socket.socket] = []
 
     def setup() -> tuple[tuple[()], dict[str, Any]]:
+        taken = 0
         for ch in chans:  # the previous round's connections, taken and closed
             while batch := ch.recv():
+                taken += len(batch)
                 for _tag, fd in batch:
                     os.close(fd)
+        # every connection of the previous round reached a worker
+        assert taken == (n if clients else 0), taken
         for c in clients:
             c.close()
         clients.clear()
