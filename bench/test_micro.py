@@ -133,8 +133,8 @@ def test_message_round_trip(benchmark: Any) -> None:
     each frame back: encode, send, wake, read, decode, twice."""
     import select
 
-    from fastcluster._channel import ControlSocket
-    from fastcluster._protocol import encode_message
+    from fastcluster.wire.channel import ControlSocket
+    from fastcluster.wire.frames import encode_message
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()

@@ -26,13 +26,13 @@ from typing import Any
 
 from . import (
     _core,  # noqa: F401  (ImportError with a clear message off Linux)
-    _listener,
     _role,
 )
-from ._errors import ClusterError, ProtocolError
-from ._events import EventEmitter
-from ._handle import Worker
-from ._listener import Listener
+from .wire import listener as _listener
+from .wire.errors import ClusterError, ProtocolError
+from .wire.events import EventEmitter
+from .wire.handle import Worker
+from .wire.listener import Listener
 
 __all__ = [
     "POLICY_LEAST",

@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._events import EventEmitter
+from .wire.events import EventEmitter
 
 if TYPE_CHECKING:
-    from ._handle import Worker
-    from ._primary import Primary
-    from ._worker import WorkerRuntime
+    from .primary.loop import Primary
+    from .wire.handle import Worker
+    from .worker.runtime import WorkerRuntime
 
 events = EventEmitter()  # cluster.on/once/off
 workers: dict[int, Worker] = {}  # the primary's live workers (cluster.workers)
@@ -35,7 +35,7 @@ def is_worker() -> bool:
 def primary() -> Primary:
     global _primary
     if _primary is None:
-        from ._primary import Primary
+        from .primary.loop import Primary
 
         _primary = Primary(events, workers, settings)
     return _primary

@@ -36,8 +36,9 @@ import ssl as _ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import _heartbeat, _role
-from ._listener import IntakeListener, Listener, SocketListener
+from . import _role
+from .wire.listener import IntakeListener, Listener, SocketListener
+from .worker import heart as _heartbeat
 
 __all__ = ["Server", "create_server", "start_server"]
 

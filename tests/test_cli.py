@@ -448,7 +448,7 @@ def test_uses_a_cluster(fastcluster_server):
 
 
 def test_help_lists_every_setting_and_bad_values_are_named() -> None:
-    from fastcluster._cli_options import OPTIONS
+    from fastcluster.cli.options import OPTIONS
 
     out = cli("run", "--help").stdout
     for opt in OPTIONS:

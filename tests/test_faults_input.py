@@ -43,7 +43,7 @@ def misbehave(mode):
             send(b"\\x00\\x00")
             os._exit(8)
         if mode == "oversized":      # one byte over the limit: fatal, SIGKILLed
-            from fastcluster._protocol import MAX_FRAME
+            from fastcluster.wire.frames import MAX_FRAME
             send(struct.pack(">I", MAX_FRAME + 1) + b"{" * 1000)
         elif mode == "bad_json":     # well framed, not JSON: tolerated 16 times
             for i in range(40):

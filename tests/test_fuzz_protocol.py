@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastcluster._errors import ProtocolError
-from fastcluster._protocol import HEADER, FrameDecoder, encode, encode_message
+from fastcluster.wire.errors import ProtocolError
+from fastcluster.wire.frames import HEADER, FrameDecoder, encode, encode_message
 
 MAX = 256  # a small frame limit, so oversized frames come up often
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 from _helpers import env, free_port, http_get, running, script  # noqa: F401
 
-from fastcluster._settings import Settings
+from fastcluster.wire.settings import Settings
 
 HOST = """
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 import fastcluster as cluster
-from fastcluster import _health, _role
+from fastcluster import _role
+from fastcluster.primary import health as _health
 
 PORT, HEALTH, DRAIN = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 GO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go")

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from _helpers import env, free_port, http_get, running, script, wait_dead  # noqa: F401
 
-from fastcluster._backoff import Backoff
-from fastcluster._settings import Settings
+from fastcluster.primary.backoff import Backoff
+from fastcluster.wire.settings import Settings
 
 SERVER = """
 import json, os, sys, time
@@ -669,7 +669,7 @@ def test_uid_the_primary_cannot_switch_to_is_a_clear_worker_error(tmp_path: Path
             pass
 
         cluster.setup_primary(target=work, uid="root", respawn=False)
-        import fastcluster._primary, fastcluster.aio, pkgutil  # before /root is out of reach
+        import fastcluster.primary.loop, fastcluster.aio, pkgutil  # before /root is out of reach
         os.setuid(pwd.getpwnam("nobody").pw_uid)  # an unprivileged primary
         cluster.on("exit", lambda w, code, sig: print("exit", code, sig, flush=True))
         cluster.fork()

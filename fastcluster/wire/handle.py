@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal as _signal
 from typing import Any, Protocol
 
-from ._events import EventEmitter
+from .events import EventEmitter
 
 
 class Backend(Protocol):

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _address, _systemd
-from ._core import Dispatcher
+from .._core import Dispatcher
+from ..wire import address as _address
+from . import systemd as _systemd
 
 log = logging.getLogger("fastcluster")
 

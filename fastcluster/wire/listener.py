@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import _heartbeat
-from ._address import Address
-from ._intake import Intake, Port
+from ..worker import heart as _heartbeat
+from ..worker.intake import Intake, Port
+from .address import Address
 
 
 class Tracker(Protocol):

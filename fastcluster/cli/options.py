@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._settings import RELOAD_SIGNALS, reload_signal_name
+from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
 
 ENV_PREFIX = "FASTCLUSTER_"
 POLICIES = ("rr", "least", "shared", "reuseport")

@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Any
 
-from ._address import key_of
+from ..wire.address import key_of
 
 SD_LISTEN_FDS_START = 3
 

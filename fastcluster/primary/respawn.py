@@ -19,10 +19,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ._timers import Timer
+from .timers import Timer
 
 if TYPE_CHECKING:
-    from ._primary import Primary, _Proc
+    from .loop import Primary, _Proc
 
 log = logging.getLogger("fastcluster")
 

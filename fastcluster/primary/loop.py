@@ -53,10 +53,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from . import _address, _boot, _hooks, _systemd
-from ._backoff import Backoff
-from ._channel import ControlSocket
-from ._core import (
+from .._core import (
     EPOLLIN,
     EPOLLOUT,
     EV_WATCH,
@@ -66,20 +63,26 @@ from ._core import (
     CounterTable,
     Dispatcher,
 )
-from ._errors import ClusterError, ProtocolError
-from ._events import EventEmitter
-from ._handle import Worker, signal_name
-from ._health import Health
-from ._heartbeat import Watchdog
-from ._listener import Listener, NullTracker, SocketListener
-from ._protocol import Frame, encode, encode_message
-from ._ready import Ready
-from ._recycle import Recycler
-from ._registry import Registry
-from ._respawn import Respawner
-from ._rolling import Rolling
-from ._settings import Settings, check_env, defaults
-from ._timers import Timer, Timers
+from ..wire import address as _address
+from ..wire.channel import ControlSocket
+from ..wire.errors import ClusterError, ProtocolError
+from ..wire.events import EventEmitter
+from ..wire.frames import Frame, encode, encode_message
+from ..wire.handle import Worker, signal_name
+from ..wire.listener import Listener, NullTracker, SocketListener
+from ..wire.settings import Settings, check_env, defaults
+from ..worker import boot as _boot
+from ..worker.heart import Watchdog
+from . import hooks as _hooks
+from . import systemd as _systemd
+from .backoff import Backoff
+from .health import Health
+from .ready import Ready
+from .recycle import Recycler
+from .registry import Registry
+from .respawn import Respawner
+from .rolling import Rolling
+from .timers import Timer, Timers
 
 log = logging.getLogger("fastcluster")
 

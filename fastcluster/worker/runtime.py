@@ -44,13 +44,14 @@ import threading
 import time
 from typing import Any
 
-from . import _address, _heartbeat
-from ._channel import ControlSocket
-from ._errors import ProtocolError
-from ._handle import Worker
-from ._intake import Intake
-from ._listener import IntakeListener, Listener, SocketListener
-from ._protocol import Frame, encode, encode_message
+from ..wire import address as _address
+from ..wire.channel import ControlSocket
+from ..wire.errors import ProtocolError
+from ..wire.frames import Frame, encode, encode_message
+from ..wire.handle import Worker
+from ..wire.listener import IntakeListener, Listener, SocketListener
+from . import heart as _heartbeat
+from .intake import Intake
 
 log = logging.getLogger("fastcluster")
 

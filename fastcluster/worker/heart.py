@@ -78,12 +78,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _role
+from .. import _role
 
 if TYPE_CHECKING:
-    from ._core import WorkerChannel
-    from ._primary import Primary, _Proc
-    from ._timers import Timer
+    from .._core import WorkerChannel
+    from ..primary.loop import Primary, _Proc
+    from ..primary.timers import Timer
 
 log = logging.getLogger("fastcluster")
 

@@ -58,11 +58,11 @@ from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from . import _role
-from ._core import CounterTable, WorkerChannel
-from ._intake import Intake
-from ._settings import Settings
-from ._worker import WorkerRuntime
+from .. import _role
+from .._core import CounterTable, WorkerChannel
+from ..wire.settings import Settings
+from .intake import Intake
+from .runtime import WorkerRuntime
 
 log = logging.getLogger("fastcluster")
 
@@ -407,7 +407,7 @@ def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (f"import sys; sys.path.insert(0, {here!r}); "
-            "from fastcluster._boot import spawn_main; spawn_main()")
+            "from fastcluster.worker.boot import spawn_main; spawn_main()")
     argv = [sys.executable, *_interpreter_flags(), "-c", code]
     os.execve(sys.executable, argv, full_env)
 

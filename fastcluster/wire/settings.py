@@ -19,7 +19,7 @@ import pwd
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _health
+from ..primary import health as _health
 
 POLICIES = ("rr", "least", "shared", "reuseport")
 START_METHODS = ("fork", "spawn")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._settings import Settings
+from ..wire.settings import Settings
 
 log = logging.getLogger("fastcluster")
 

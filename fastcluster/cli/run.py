@@ -33,10 +33,10 @@ from typing import Any
 
 import fastcluster as cluster
 
-from . import asgi, wsgi
-from ._cli_app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
-from ._cli_options import parse_bind
-from ._status import MetricsServer, Snapshot, StatusServer, default_socket_path
+from .. import asgi, wsgi
+from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
+from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
+from .options import parse_bind
 
 log = logging.getLogger("fastcluster")
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from ._status import find_sockets, query
+from ..primary.status import find_sockets, query
 
 SOCKET_ENV = "FASTCLUSTER_STATUS_SOCKET"
 COLUMNS = (("ID", "id", 4), ("PID", "pid", 8), ("STATE", "state", 10), ("UPTIME", "uptime", 8),

@@ -20,7 +20,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from ._protocol import MAX_FRAME, Frame, FrameDecoder
+from .frames import MAX_FRAME, Frame, FrameDecoder
 
 READ_SIZE = 256 * 1024
 MAX_FDS_PER_READ = 16

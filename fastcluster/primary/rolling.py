@@ -46,11 +46,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _hooks, _systemd
-from ._timers import Timer
+from . import hooks as _hooks
+from . import systemd as _systemd
+from .timers import Timer
 
 if TYPE_CHECKING:
-    from ._primary import Primary, _Proc
+    from .loop import Primary, _Proc
 
 log = logging.getLogger("fastcluster")
 

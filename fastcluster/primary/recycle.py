@@ -28,10 +28,10 @@ import os
 import random
 from typing import TYPE_CHECKING
 
-from ._timers import Timer
+from .timers import Timer
 
 if TYPE_CHECKING:
-    from ._primary import Primary, _Proc
+    from .loop import Primary, _Proc
 
 log = logging.getLogger("fastcluster")
 

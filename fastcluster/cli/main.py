@@ -15,7 +15,8 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from . import _cli_options, _cli_status
+from . import options as _cli_options
+from . import status as _cli_status
 
 __all__ = ["main"]
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_parser.error("the app is missing: give MODULE:APP (or "
                          f"${_cli_options.BY_NAME['app'].env}, or app = \"...\" in the "
                          "config file)")
-    from . import _cli_run  # imports the cluster: only for `run`
+    from . import run as _cli_run  # imports the cluster: only for `run`
 
     try:
         return _cli_run.run(settings)

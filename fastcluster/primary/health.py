@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._primary import Primary
-    from ._settings import Settings
-    from ._timers import Timer
+    from ..wire.settings import Settings
+    from .loop import Primary
+    from .timers import Timer
 
 log = logging.getLogger("fastcluster")
 

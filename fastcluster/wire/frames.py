@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from ._errors import ProtocolError
+from .errors import ProtocolError
 
 MAX_FRAME = 64 * 1024 * 1024  # bytes of JSON in one frame
 HEADER = struct.Struct(">I")

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from ._core import WorkerChannel
+from .._core import WorkerChannel
 
 log = logging.getLogger("fastcluster")
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import fastcluster as cluster
 
-from . import _health, _role
+from .. import _role
+from . import health as _health
 
 RECV_MAX = 8192  # bytes of an HTTP request we read before answering
 MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive

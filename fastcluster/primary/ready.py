@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import _hooks, _systemd
+from . import hooks as _hooks
+from . import systemd as _systemd
 
 if TYPE_CHECKING:
-    from ._primary import Primary
+    from .loop import Primary
 
 
 class Ready:

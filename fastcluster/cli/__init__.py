@@ -1,0 +1,2 @@
+"""The `fastcluster` command: main (the parser), run, options, app loading,
+status. The console script is fastcluster.cli.main:main."""
