@@ -28,11 +28,11 @@ from . import (
     _core,  # noqa: F401  (ImportError with a clear message off Linux)
     _role,
 )
-from .wire import listener as _listener
 from .wire.errors import ClusterError, ProtocolError
 from .wire.events import EventEmitter
 from .wire.handle import Worker
 from .wire.listener import Listener
+from .worker import listener as _listener
 
 __all__ = [
     "POLICY_LEAST",

@@ -1,12 +1,16 @@
-"""Which role this process plays, and the state the public facade shows.
+"""Which role this process plays, the state the public facade shows, and the
+fork seam: the one module that joins primary/ and worker/.
 
 Theory of operation: a process starts as the primary. The cluster-wide
 EventEmitter, the `workers` dict and the `settings` dict live here and are
 the very objects the facade exports, so they stay current as the primary
-mutates them. When a worker starts (fork child or spawned interpreter),
-become_worker() records its runtime and rebinds the facade's module
-globals (is_primary, is_worker, worker, workers, settings) for the worker's
-code, which runs after that.
+mutates them. The primary's loop is made here, given worker/boot.py's
+start_child: its forked child calls that to become the worker (the fork
+seam; primary/ itself never imports worker/). When a worker starts (fork
+child or spawned interpreter), worker/current.py's become() records its
+runtime and calls _become_worker() (registered below), which rebinds the
+facade's module globals (is_primary, is_worker, worker, workers, settings)
+for the worker's code, which runs after that.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .wire.events import EventEmitter
+from .worker import current
 
 if TYPE_CHECKING:
     from .primary.loop import Primary
@@ -24,7 +29,7 @@ if TYPE_CHECKING:
 events = EventEmitter()  # cluster.on/once/off
 workers: dict[int, Worker] = {}  # the primary's live workers (cluster.workers)
 settings: dict[str, Any] = {}  # cluster.settings
-runtime: WorkerRuntime | None = None  # set in a worker
+runtime: WorkerRuntime | None = None  # set in a worker (a mirror of current.runtime)
 _primary: Primary | None = None
 
 
@@ -35,13 +40,16 @@ def is_worker() -> bool:
 def primary() -> Primary:
     global _primary
     if _primary is None:
-        from .primary.loop import Primary
+        from .primary.loop import Primary  # imported when first needed, as before
+        from .worker import boot
 
-        _primary = Primary(events, workers, settings)
+        # THE FORK SEAM: the primary's forked child hands over to the worker's
+        # start through this callable (wire/boot.py's StartChild)
+        _primary = Primary(events, workers, settings, start_child=boot.start_child)
     return _primary
 
 
-def become_worker(rt: WorkerRuntime, worker_settings: dict[str, Any]) -> None:
+def _become_worker(rt: WorkerRuntime, worker_settings: dict[str, Any]) -> None:
     global runtime, _primary, workers, settings
     runtime = rt
     _primary = None
@@ -55,3 +63,6 @@ def become_worker(rt: WorkerRuntime, worker_settings: dict[str, Any]) -> None:
         pkg.worker = rt.worker  # type: ignore[attr-defined]
         pkg.workers = workers  # type: ignore[attr-defined]
         pkg.settings = settings  # type: ignore[attr-defined]
+
+
+current.on_become(_become_worker)

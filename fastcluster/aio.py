@@ -37,8 +37,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _role
-from .wire.listener import IntakeListener, Listener, SocketListener
+from .wire.listener import Listener, SocketListener
 from .worker import heart as _heartbeat
+from .worker.listener import IntakeListener
 
 __all__ = ["Server", "create_server", "start_server"]
 

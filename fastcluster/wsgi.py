@@ -35,7 +35,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import fastcluster as cluster
 
-from .primary.status import worker_request_counter
+from .worker.current import request_counter as worker_request_counter
 
 BOOT_ERROR = 3  # exit status of a worker that could not start serving
 SLOT_WAIT = 0.25  # seconds between heartbeats while every thread is busy

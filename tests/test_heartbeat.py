@@ -164,7 +164,7 @@ def test_hung_worker_detected_and_replaced(tmp_path: Path, env: dict[str, str], 
 
 def test_sigkill_when_sigabrt_is_ignored(tmp_path: Path, env: dict[str, str]) -> None:
     """A hung worker that ignores SIGABRT is SIGKILLed ABORT_GRACE later."""
-    from fastcluster.worker.heart import ABORT_GRACE
+    from fastcluster.primary.watchdog import ABORT_GRACE
 
     port = free_port()
     path = script(tmp_path, CLUSTER)

@@ -33,7 +33,7 @@ from typing import Any
 
 import fastcluster as cluster
 
-from .. import asgi, wsgi
+from .. import _role, asgi, wsgi
 from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
 from .options import parse_bind
@@ -236,7 +236,7 @@ def run(settings: dict[str, Any]) -> int:
         return _fail(str(e))
     lifecycle = _Lifecycle()
     snapshot = Snapshot({"app": ref, "interface": interface, "bind": settings["bind"],
-                         "workers_wanted": settings["workers"]})
+                         "workers_wanted": settings["workers"]}, _role.primary())
     snapshot.expect_initial(settings["workers"])
     servers: list[Any] = []
     try:

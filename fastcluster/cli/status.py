@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any
-
-from ..primary.status import find_sockets, query
 
 SOCKET_ENV = "FASTCLUSTER_STATUS_SOCKET"
 COLUMNS = (("ID", "id", 4), ("PID", "pid", 8), ("STATE", "state", 10), ("UPTIME", "uptime", 8),
@@ -112,3 +112,39 @@ def main(socket_path: str | None, as_json: bool, watch: bool, interval: float,
             time.sleep(interval)
         except KeyboardInterrupt:
             return 0
+
+
+# -- the client side of the primary's status socket (primary/status.py) --------
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The snapshot a primary serves at path. Raises OSError or ValueError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    doc = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict) or "workers" not in doc:
+        raise ValueError(f"{path}: not a fastcluster status answer")
+    return doc
+
+
+def find_sockets() -> list[str]:
+    """Status sockets of live primaries in the default place: $XDG_RUNTIME_DIR,
+    else (or if none is there) /tmp."""
+    for base in dict.fromkeys(filter(None, (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"))):
+        found = []
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(base)):
+                pid = name[len("fastcluster-"):-len(".sock")]
+                if (name.startswith("fastcluster-") and name.endswith(".sock")
+                        and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                    found.append(os.path.join(base, name))
+        if found:
+            return found
+    return []

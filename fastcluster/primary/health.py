@@ -41,19 +41,20 @@ import contextlib
 import errno
 import functools
 import logging
-import math
 import os
 import socket
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..wire.address import parse_address
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..wire.handle import Worker
     from ..wire.settings import Settings
-    from .loop import Primary
-    from .timers import Timer
+    from .timers import Timer, Timers
 
 log = logging.getLogger("fastcluster")
 
@@ -80,57 +81,35 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 # -- settings ---------------------------------------------------------------
 
-def parse_address(text: str) -> tuple[str, int]:
-    """"HOST:PORT", "[IPV6]:PORT" or ":PORT" (every IPv4 interface, as the
-    CLI's --bind) -> (host, port); ValueError if malformed."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(text)
-    if not host:
-        host = "0.0.0.0"
-    if host.startswith("["):
-        if not host.endswith("]") or len(host) < 3:
-            raise ValueError(text)
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(text)  # a bare IPv6 address needs brackets
-    port = int(port_text)
-    if port > 65535 or any(c.isspace() for c in host):
-        raise ValueError(text)
-    return host, port
-
-
-def check_address(name: str, value: Any) -> str | None:
-    """The `health` setting: None (off) or "HOST:PORT"."""
-    allowed = ('None (off) or "HOST:PORT" with a port from 0 to 65535, '
-               'e.g. "127.0.0.1:8081", "[::1]:8081" or ":8081" (every IPv4 interface)')
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
-    try:
-        parse_address(value)
-    except ValueError:
-        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}") from None
-    return value
-
-
-def check_delay(name: str, value: Any) -> float:
-    """The `drain_delay` setting: seconds >= 0."""
-    allowed = "a finite number of seconds >= 0 (0: no drain)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}")
-    return float(value)
-
-
 # -- readiness --------------------------------------------------------------
+
+class Loop(Protocol):
+    """What health needs of the primary's loop (primary/loop.py)."""
+
+    @property
+    def _shutdown(self) -> str | None: ...
+    @property
+    def _stopping(self) -> bool: ...
+    @property
+    def _timers(self) -> Timers: ...
+    @property
+    def workers(self) -> dict[int, Worker]: ...
+    def config(self) -> Settings: ...
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+
+
+class HasHealth(Protocol):
+    """facts()'s argument: the primary's loop."""
+
+    @property
+    def health(self) -> Health: ...
+
 
 class Health:
     """The primary's readiness state, drain, and (if configured) its endpoint."""
 
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Loop) -> None:
         self._p = primary
         self.draining = False  # SIGTERM seen, waiting drain_delay before the shutdown
         self._drain_end = 0.0  # time.monotonic() when the shutdown starts
@@ -232,7 +211,7 @@ class Health:
         return 503, f"not ready: {reason}\n"
 
 
-def facts(primary: Primary) -> dict[str, Any]:
+def facts(primary: HasHealth) -> dict[str, Any]:
     """The health facts of this primary (for `fastcluster status --json`):
     alive, ready, reason, draining, drain_left, drain_delay, shutdown,
     workers, listening, health (the endpoint's bound address or None)."""
@@ -253,7 +232,7 @@ class _Conn:
 class _Server:
     """Non-blocking HTTP/1.x on one TCP address, served from the primary's loop."""
 
-    def __init__(self, primary: Primary, address: str,
+    def __init__(self, primary: Loop, address: str,
                  answer: Callable[[str, str], tuple[int, str]]) -> None:
         self._p = primary
         self.setting = address  # the `health` value it was bound for

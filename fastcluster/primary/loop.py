@@ -64,6 +64,7 @@ from .._core import (
     Dispatcher,
 )
 from ..wire import address as _address
+from ..wire import boot as _boot
 from ..wire.channel import ControlSocket
 from ..wire.errors import ClusterError, ProtocolError
 from ..wire.events import EventEmitter
@@ -71,35 +72,21 @@ from ..wire.frames import Frame, encode, encode_message
 from ..wire.handle import Worker, signal_name
 from ..wire.listener import Listener, NullTracker, SocketListener
 from ..wire.settings import Settings, check_env, defaults
-from ..worker import boot as _boot
-from ..worker.heart import Watchdog
 from . import hooks as _hooks
+from . import prefork
 from . import systemd as _systemd
 from .backoff import Backoff
 from .health import Health
+from .proc import Proc
 from .ready import Ready
 from .recycle import Recycler
 from .registry import Registry
 from .respawn import Respawner
 from .rolling import Rolling
-from .timers import Timer, Timers
+from .timers import Timers
+from .watchdog import Watchdog
 
 log = logging.getLogger("fastcluster")
-
-
-class _Proc:
-    """The primary's private record of one worker."""
-
-    def __init__(self, worker: Worker, slot: int, env: dict[str, str]) -> None:
-        self.worker = worker
-        self.slot = slot
-        self.env = env  # fork(env=...) extras, reused by a respawn
-        self.chan: ControlSocket | None = None
-        self.started = time.monotonic()
-        self.watching_out = False  # EPOLLOUT watched: output is queued
-        self.bad_frames = 0
-        self.kill_timer: Timer | None = None
-        self.dead = False
 
 
 def _core_policy(policy: str) -> int:
@@ -116,7 +103,8 @@ class Primary:
                signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
     def __init__(self, events: EventEmitter, workers: dict[int, Worker],
-                 settings: dict[str, Any]) -> None:
+                 settings: dict[str, Any], start_child: _boot.StartChild) -> None:
+        self._start_child = start_child  # the fork seam: see _child()
         self.events = events  # the cluster's EventEmitter (cluster.on)
         self.workers = workers  # cluster.workers: live workers by id
         self.settings = settings  # cluster.settings
@@ -125,9 +113,9 @@ class Primary:
         self.table: CounterTable | None = None  # created at the first fork
         self.dispatcher: Dispatcher | None = None
         self.registry: Registry | None = None
-        self._procs: dict[int, _Proc] = {}  # by worker id
-        self._by_slot: dict[int, _Proc] = {}
-        self._by_pid: dict[int, _Proc] = {}  # not yet reaped
+        self._procs: dict[int, Proc] = {}  # by worker id
+        self._by_slot: dict[int, Proc] = {}
+        self._by_pid: dict[int, Proc] = {}  # not yet reaped
         self._next_id = 1  # worker ids start at 1 and are never reused
         self._soon: collections.deque[Callable[[], object]] = collections.deque()
         self._timers = Timers()
@@ -210,10 +198,10 @@ class Primary:
     def _spawn(self, extra: dict[str, str]) -> Worker:
         cfg = self.config()
         spawn = cfg.start_method == "spawn"
-        spec = _boot.main_spec(cfg, spawn)
+        spec = prefork.main_spec(cfg, spawn)
         table, dispatcher, _registry = self._ensure_core()
         if not spawn:
-            _boot.preload()  # what every forked worker would import: once, here
+            prefork.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
         data_p, data_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctl_p, ctl_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -227,7 +215,7 @@ class Primary:
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
         worker = Worker(self._next_id, self)
         self._next_id += 1
-        proc = _Proc(worker, slot, extra)
+        proc = Proc(worker, slot, extra)
         env = {**cfg.env, **extra}
         parent = os.getpid()
         _hooks.call(cfg, "pre_fork", worker)
@@ -242,7 +230,7 @@ class Primary:
         if pid == 0:
             code = 1
             try:
-                _boot.die_with_parent(parent)
+                prefork.die_with_parent(parent)
                 code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -265,7 +253,7 @@ class Primary:
         self._soon.append(lambda: self.events.emit("fork", worker))
         return worker
 
-    def _child(self, proc: _Proc, ctl_p: socket.socket, ctl_w: socket.socket,
+    def _child(self, proc: Proc, ctl_p: socket.socket, ctl_w: socket.socket,
                data_w: socket.socket, spec: _boot.MainSpec, env: dict[str, str],
                spawn: bool) -> int:
         """In the forked child: drop the primary's fds, become the worker."""
@@ -277,14 +265,11 @@ class Primary:
         self._drop_in_child()
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
-        if spawn:
-            _boot.exec_spawned(worker_id=proc.worker.id, slot=proc.slot,
-                               ctl_fd=ctl_w.fileno(), data_fd=data_w.fileno(),
-                               table_fd=table.fd, nslots=table.nslots, spec=spec, cfg=cfg,
-                               env=env)
-        return _boot.start_forked(worker_id=proc.worker.id, slot=proc.slot, ctl=ctl_w,
-                                  data=data_w, table=table, spec=spec, cfg=cfg, env=env,
-                                  settings=settings)
+        # The fork seam: from here the child runs the worker's start
+        # (worker/boot.py's start_child, given by fastcluster/_role.py).
+        return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
+                                 ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
+                                 env=env, settings=settings)
 
     def _drop_in_child(self) -> None:
         with contextlib.suppress(ValueError):
@@ -476,7 +461,7 @@ class Primary:
             else:
                 self._on_exit(proc, os.waitstatus_to_exitcode(status), None)
 
-    def _on_exit(self, proc: _Proc, code: int | None, signame: str | None) -> None:
+    def _on_exit(self, proc: Proc, code: int | None, signame: str | None) -> None:
         w = proc.worker
         proc.dead = True
         self._by_pid.pop(w.pid, None)
@@ -522,7 +507,7 @@ class Primary:
 
     # -- control channels ----------------------------------------------------
 
-    def _on_channel(self, proc: _Proc, evs: int) -> None:
+    def _on_channel(self, proc: Proc, evs: int) -> None:
         if evs & EPOLLOUT:
             self._flush(proc)
         if proc.chan is not None and evs & ~EPOLLOUT:
@@ -531,7 +516,7 @@ class Primary:
             if not alive:
                 self._channel_closed(proc)
 
-    def _frames(self, proc: _Proc) -> None:
+    def _frames(self, proc: Proc) -> None:
         while proc.chan is not None:
             try:
                 for frame in proc.chan.frames():
@@ -543,7 +528,7 @@ class Primary:
                 if not self._bad_frame(proc, str(e), fatal=e.fatal):
                     return
 
-    def _bad_frame(self, proc: _Proc, reason: str, fatal: bool) -> bool:
+    def _bad_frame(self, proc: Proc, reason: str, fatal: bool) -> bool:
         """Logs a bad frame; True if the channel stays open."""
         w = proc.worker
         proc.bad_frames += 1
@@ -560,7 +545,7 @@ class Primary:
                     "ignored", w.id, w.pid, reason)
         return True
 
-    def _on_frame(self, proc: _Proc, frame: Frame) -> None:
+    def _on_frame(self, proc: Proc, frame: Frame) -> None:
         w = proc.worker
         t = frame["t"]
         try:
@@ -596,7 +581,7 @@ class Primary:
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             self._bad_frame(proc, f"bad {t!r} frame: {e!r}", fatal=False)
 
-    def _on_listen(self, proc: _Proc, frame: Frame) -> None:
+    def _on_listen(self, proc: Proc, frame: Frame) -> None:
         req = frame["req"]
         if not isinstance(req, int):
             raise TypeError("listen request without an int 'req'")
@@ -616,7 +601,7 @@ class Primary:
         reply["req"] = req
         self._send(proc, encode(reply), fds)
 
-    def _send(self, proc: _Proc, data: bytes, fds: list[int] | None = None) -> bool:
+    def _send(self, proc: Proc, data: bytes, fds: list[int] | None = None) -> bool:
         chan = proc.chan
         if chan is None or chan.closed:
             return False
@@ -631,7 +616,7 @@ class Primary:
             proc.watching_out = True
         return True
 
-    def _flush(self, proc: _Proc) -> None:
+    def _flush(self, proc: Proc) -> None:
         chan = proc.chan
         if chan is None:
             return
@@ -644,7 +629,7 @@ class Primary:
             self.dispatcher.watch(chan.fileno(), proc.worker.id, EPOLLIN)
             proc.watching_out = False
 
-    def _channel_closed(self, proc: _Proc) -> None:
+    def _channel_closed(self, proc: Proc) -> None:
         chan = proc.chan
         if chan is None:
             return
@@ -661,13 +646,13 @@ class Primary:
         w.emit("disconnect")
         self.events.emit("disconnect", w)
 
-    def _kill(self, proc: _Proc, signum: int) -> None:
+    def _kill(self, proc: Proc, signum: int) -> None:
         if proc.dead:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.worker.pid, signum)
 
-    def _arm_kill_timer(self, proc: _Proc) -> None:
+    def _arm_kill_timer(self, proc: Proc) -> None:
         if proc.kill_timer is not None or proc.dead:
             return
 

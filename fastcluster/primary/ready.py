@@ -9,17 +9,30 @@ itself (_rolling.py); shutdown sends STOPPING=1 (stopping()).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import hooks as _hooks
 from . import systemd as _systemd
 
 if TYPE_CHECKING:
-    from .loop import Primary
+    from ..wire.settings import Settings
+    from .proc import Proc
+
+
+class Loop(Protocol):
+    """What readiness needs of the primary's loop (primary/loop.py)."""
+
+    @property
+    def _shutdown(self) -> str | None: ...
+    @property
+    def _procs(self) -> dict[int, Proc]: ...
+    @property
+    def pid(self) -> int: ...
+    def config(self) -> Settings: ...
 
 
 class Ready:
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Loop) -> None:
         self.p = primary
         self.ready = False
         self._stopping = False

@@ -26,12 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .timers import Timer
 
 if TYPE_CHECKING:
-    from .loop import Primary, _Proc
+    from .._core import Dispatcher
+    from ..wire.settings import Settings
+    from .proc import Proc
+    from .rolling import Rolling
+    from .timers import Timers
 
 log = logging.getLogger("fastcluster")
 
@@ -48,21 +52,37 @@ def rss_bytes(pid: int) -> int | None:
         return None
 
 
+class Loop(Protocol):
+    """What recycling needs of the primary's loop (primary/loop.py)."""
+
+    @property
+    def _shutdown(self) -> str | None: ...
+    @property
+    def _procs(self) -> dict[int, Proc]: ...
+    @property
+    def _rolling(self) -> Rolling: ...
+    @property
+    def _timers(self) -> Timers: ...
+    @property
+    def dispatcher(self) -> Dispatcher | None: ...
+    def config(self) -> Settings: ...
+
+
 class Recycler:
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Loop) -> None:
         self.p = primary
         self._limits: dict[int, int] = {}  # worker id -> its max_requests with jitter
         self._timer: Timer | None = None
         self._rng = random.Random()
 
-    def on_spawn(self, proc: _Proc) -> None:
+    def on_spawn(self, proc: Proc) -> None:
         cfg = self.p.config()
         if cfg.max_requests:
             jitter = self._rng.randint(0, cfg.max_requests_jitter)
             self._limits[proc.worker.id] = cfg.max_requests + jitter
         self.arm()
 
-    def on_exit(self, proc: _Proc) -> None:
+    def on_exit(self, proc: Proc) -> None:
         self._limits.pop(proc.worker.id, None)
 
     def arm(self) -> None:
@@ -90,7 +110,7 @@ class Recycler:
                     p._rolling.recycle(proc, reason)
         self.arm()
 
-    def _over(self, proc: _Proc) -> str | None:
+    def _over(self, proc: Proc) -> str | None:
         cfg = self.p.config()
         limit = self._limits.get(proc.worker.id)
         if cfg.max_requests and limit is None:  # max_requests set after this fork

@@ -17,20 +17,37 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .timers import Timer
 
 if TYPE_CHECKING:
-    from .loop import Primary, _Proc
+    from ..wire.handle import Worker
+    from ..wire.settings import Settings
+    from .backoff import Backoff
+    from .proc import Proc
+    from .timers import Timers
 
 log = logging.getLogger("fastcluster")
 
 LOUD_AFTER = 3  # crashes in a row after which each one is logged as an error
 
 
+class Loop(Protocol):
+    """What respawning needs of the primary's loop (primary/loop.py)."""
+
+    @property
+    def _stopping(self) -> bool: ...
+    @property
+    def _backoff(self) -> Backoff: ...
+    @property
+    def _timers(self) -> Timers: ...
+    def config(self) -> Settings: ...
+    def _spawn(self, extra: dict[str, str]) -> Worker: ...
+
+
 class Respawner:
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Loop) -> None:
         self.p = primary
         self._pending: list[Timer] = []
 
@@ -44,7 +61,7 @@ class Respawner:
             t.cancel()
         self._pending.clear()
 
-    def on_exit(self, proc: _Proc, code: int | None, signame: str | None) -> None:
+    def on_exit(self, proc: Proc, code: int | None, signame: str | None) -> None:
         p = self.p
         if not p.config().respawn or p._stopping or proc.worker.exited_after_disconnect:
             return

@@ -44,19 +44,45 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks as _hooks
 from . import systemd as _systemd
 from .timers import Timer
 
 if TYPE_CHECKING:
-    from .loop import Primary, _Proc
+    from ..wire.handle import Worker
+    from ..wire.settings import Settings
+    from .backoff import Backoff
+    from .proc import Proc
+    from .respawn import Respawner
+    from .timers import Timers
 
 log = logging.getLogger("fastcluster")
 
 COOLDOWN = 10.0  # seconds after a failed step before recycling tries again
 SETTLE = 1.0  # seconds online that make ready a replacement of a worker that never listened
+
+
+class Loop(Protocol):
+    """What a rolling restart needs of the primary's loop (primary/loop.py)."""
+
+    @property
+    def _shutdown(self) -> str | None: ...
+    @property
+    def _stopping(self) -> bool: ...
+    @property
+    def _procs(self) -> dict[int, Proc]: ...
+    @property
+    def _timers(self) -> Timers: ...
+    @property
+    def _backoff(self) -> Backoff: ...
+    @property
+    def _respawner(self) -> Respawner: ...
+    def config(self) -> Settings: ...
+    def _spawn(self, extra: dict[str, str]) -> Worker: ...
+    def _kill(self, proc: Proc, signum: int) -> None: ...
+    def worker_disconnect(self, worker: Worker) -> None: ...
 
 
 @dataclass
@@ -71,7 +97,7 @@ class _Step:
 
 
 class Rolling:
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Loop) -> None:
         self.p = primary
         self._addrs: dict[int, set[str]] = {}  # worker id -> addresses it listens on
         self._queue: list[int] = []  # worker ids to replace, in order
@@ -113,7 +139,7 @@ class Rolling:
         self.reloading = True
         self.pump()
 
-    def recycle(self, proc: _Proc, reason: str) -> None:
+    def recycle(self, proc: Proc, reason: str) -> None:
         wid = proc.worker.id
         if self.busy(wid) or self.p._shutdown is not None or self.p._stopping:
             return
@@ -155,12 +181,12 @@ class Rolling:
 
     # -- events from the primary ---------------------------------------------
 
-    def on_online(self, proc: _Proc) -> None:
+    def on_online(self, proc: Proc) -> None:
         step = self._steps.get(proc.worker.id)
         if step is not None and not step.need:  # the old one has not listened (yet?)
             self.p._timers.call_later(SETTLE, functools.partial(self._check, proc))
 
-    def on_listening(self, proc: _Proc, wire: Any) -> None:
+    def on_listening(self, proc: Proc, wire: Any) -> None:
         key = _key(wire)
         self._addrs.setdefault(proc.worker.id, set()).add(key)
         for step in self._steps.values():
@@ -168,7 +194,7 @@ class Rolling:
                 step.need.add(key)  # an old worker that listens late raises the bar
         self._check(proc)
 
-    def on_exit(self, proc: _Proc) -> bool:
+    def on_exit(self, proc: Proc) -> bool:
         """A worker was reaped. True: taken care of here, do not respawn it."""
         wid = proc.worker.id
         self._addrs.pop(wid, None)
@@ -195,7 +221,7 @@ class Rolling:
 
     # -- internals -----------------------------------------------------------
 
-    def _check(self, proc: _Proc) -> None:
+    def _check(self, proc: Proc) -> None:
         step = self._steps.get(proc.worker.id)
         if step is None or proc.dead or proc.worker.state == "none":
             return

@@ -37,12 +37,15 @@ import stat
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import fastcluster as cluster
+if TYPE_CHECKING:
+    from .._core import Dispatcher
+    from ..wire.events import EventEmitter
+    from .health import Health
 
-from .. import _role
 from . import health as _health
+from .prometheus import prometheus_text
 
 RECV_MAX = 8192  # bytes of an HTTP request we read before answering
 MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive
@@ -67,15 +70,6 @@ def default_socket_path(pid: int | None = None) -> str:
     return os.path.join(base, f"fastcluster-{os.getpid() if pid is None else pid}.sock")
 
 
-def worker_request_counter() -> Callable[[int], None]:
-    """In a worker: adds to its `requests` counter in shared memory (else a no-op)."""
-    rt = _role.runtime
-    channel = None if rt is None else rt.intake.channel
-    if channel is None:
-        return lambda n: None
-    return channel.request_done  # valid after the channel's fd is closed too
-
-
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -84,27 +78,44 @@ def rss_bytes(pid: int) -> int | None:
         return None
 
 
+class Source(Protocol):
+    """What the snapshot and the servers need of the primary's loop (primary/loop.py)."""
+
+    @property
+    def events(self) -> EventEmitter: ...
+    @property
+    def settings(self) -> dict[str, Any]: ...
+    @property
+    def dispatcher(self) -> Dispatcher | None: ...
+    @property
+    def health(self) -> Health: ...
+    def worker_stats(self) -> list[dict[str, Any]]: ...
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+
+
 class Snapshot:
     """Collects the state; `info` is static facts about the primary (app, bind...)."""
 
-    def __init__(self, info: dict[str, Any]) -> None:
+    def __init__(self, info: dict[str, Any], primary: Source) -> None:
         self.info = info
+        self.primary = primary
         self.started = time.monotonic()
         self.addresses: list[Any] = []
         self.restarts_total = 0
         self._restarts: dict[int, int] = {}  # worker id -> restarts
         self._leavers: collections.deque[int] = collections.deque()  # died, to respawn
         self._initial = 0  # workers still to fork before anything is a replacement
-        cluster.on("fork", self._on_fork)
-        cluster.on("exit", self._on_exit)
-        cluster.on("listening", self._on_listening)
+        primary.events.on("fork", self._on_fork)
+        primary.events.on("exit", self._on_exit)
+        primary.events.on("listening", self._on_listening)
 
     def expect_initial(self, n: int) -> None:
         self._initial = n
 
     def _replaces(self, wid: int) -> int | None:
         """The worker a rolling step (SIGHUP, recycling) forked wid to replace."""
-        steps = getattr(getattr(_role.primary(), "_rolling", None), "_steps", None)
+        steps = getattr(getattr(self.primary, "_rolling", None), "_steps", None)
         step = steps.get(wid) if isinstance(steps, dict) else None
         old = getattr(step, "old", None)
         return old if isinstance(old, int) else None
@@ -137,8 +148,8 @@ class Snapshot:
             self.addresses.append(wire)
 
     def collect(self) -> dict[str, Any]:
-        primary = _role.primary()
-        policy = cluster.settings.get("policy", "rr")
+        primary = self.primary
+        policy = primary.settings.get("policy", "rr")
         dispatched = policy in ("rr", "least")
         workers = []
         for s in sorted(primary.worker_stats(), key=lambda d: int(d["id"])):
@@ -182,7 +193,7 @@ class _Server:
         self.snapshot = snapshot
         self.closed = False
         _open_servers.add(self)
-        _role.primary().add_reader(sock.fileno(), self._on_ready)
+        snapshot.primary.add_reader(sock.fileno(), self._on_ready)
 
     def _on_ready(self) -> None:
         for _ in range(MAX_CLIENTS):
@@ -206,7 +217,7 @@ class _Server:
         _open_servers.discard(self)
         if unlink:
             with contextlib.suppress(Exception):
-                _role.primary().remove_reader(self.sock.fileno())
+                self.snapshot.primary.remove_reader(self.sock.fileno())
         self.sock.close()
 
 
@@ -287,7 +298,7 @@ class MetricsServer(_Server):
         conn.setblocking(False)
         fd = conn.fileno()
         self._clients[fd] = (conn, bytearray(), time.monotonic() + CLIENT_TIMEOUT)
-        _role.primary().add_reader(fd, lambda: self._on_request(fd))
+        self.snapshot.primary.add_reader(fd, lambda: self._on_request(fd))
 
     def _on_request(self, fd: int) -> None:
         entry = self._clients.get(fd)
@@ -326,7 +337,7 @@ class MetricsServer(_Server):
         entry = self._clients.pop(fd, None)
         if entry is not None:
             with contextlib.suppress(Exception):
-                _role.primary().remove_reader(fd)
+                self.snapshot.primary.remove_reader(fd)
             entry[0].close()
 
     def _expire(self) -> None:
@@ -342,95 +353,3 @@ class MetricsServer(_Server):
             else:
                 self._clients.pop(fd)[0].close()
         super().close(unlink)
-
-
-# -- the client side and formats -----------------------------------------------
-
-def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The snapshot a primary serves at path. Raises OSError or ValueError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    doc = json.loads(b"".join(chunks))
-    if not isinstance(doc, dict) or "workers" not in doc:
-        raise ValueError(f"{path}: not a fastcluster status answer")
-    return doc
-
-
-def find_sockets() -> list[str]:
-    """Status sockets of live primaries in the default place: $XDG_RUNTIME_DIR,
-    else (or if none is there) /tmp."""
-    for base in dict.fromkeys(filter(None, (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"))):
-        found = []
-        with contextlib.suppress(OSError):
-            for name in sorted(os.listdir(base)):
-                pid = name[len("fastcluster-"):-len(".sock")]
-                if (name.startswith("fastcluster-") and name.endswith(".sock")
-                        and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
-                    found.append(os.path.join(base, name))
-        if found:
-            return found
-    return []
-
-
-def _metric(lines: list[str], name: str, kind: str, help: str,
-            samples: list[tuple[str, Any]]) -> None:
-    lines.append(f"# HELP {name} {help}")
-    lines.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        if value is not None:
-            lines.append(f"{name}{labels} {value}")
-
-
-def prometheus_text(doc: dict[str, Any]) -> str:
-    """The snapshot in Prometheus' text exposition format (0.0.4)."""
-    p = doc["primary"]
-    ws = doc["workers"]
-    lines: list[str] = []
-
-    def per_worker(key: str) -> list[tuple[str, Any]]:
-        return [(f'{{worker="{w["id"]}",pid="{w["pid"]}"}}', w[key]) for w in ws]
-
-    _metric(lines, "fastcluster_workers", "gauge", "Live worker processes.",
-            [("", len(ws))])
-    health = p.get("health") or {}
-    if "ready" in health:
-        _metric(lines, "fastcluster_ready", "gauge", "1 while /readyz would answer 200 "
-                "(a worker listens, no drain or shutdown), else 0.",
-                [("", int(bool(health["ready"])))])
-    _metric(lines, "fastcluster_restarts_total", "counter",
-            "Workers forked to replace one that exited.", [("", p["restarts"])])
-    _metric(lines, "fastcluster_primary_uptime_seconds", "gauge", "Seconds since start.",
-            [("", p["uptime"])])
-    _metric(lines, "fastcluster_primary_rss_bytes", "gauge", "Resident memory of the "
-            "primary.", [("", p["rss"])])
-    core = p.get("dispatcher") or {}
-    for key, help in (("accepted", "Connections accepted by the primary's dispatcher."),
-                      ("redispatched", "Connections given to another worker after theirs "
-                       "died before taking them."),
-                      ("shed", "Connections closed by the dispatcher under EMFILE."),
-                      ("emfile", "Times the dispatcher ran out of file descriptors.")):
-        if key in core:
-            _metric(lines, f"fastcluster_dispatcher_{key}_total", "counter", help,
-                    [("", core[key])])
-    _metric(lines, "fastcluster_worker_connections_dispatched_total", "counter",
-            "Connections the primary sent to the worker (rr/least).",
-            per_worker("dispatched"))
-    _metric(lines, "fastcluster_worker_connections_open", "gauge",
-            "Connections the worker holds open now (rr/least).", per_worker("open"))
-    _metric(lines, "fastcluster_worker_requests_total", "counter",
-            "Requests the worker served.", per_worker("requests"))
-    _metric(lines, "fastcluster_worker_restarts", "gauge",
-            "Workers that held this worker's place before it.", per_worker("restarts"))
-    _metric(lines, "fastcluster_worker_uptime_seconds", "gauge",
-            "Seconds since the worker was forked.", per_worker("uptime"))
-    _metric(lines, "fastcluster_worker_rss_bytes", "gauge", "Resident memory of the worker.",
-            per_worker("rss"))
-    return "\n".join(lines) + "\n"

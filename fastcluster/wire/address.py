@@ -92,3 +92,23 @@ def wire_of(family: int, sockaddr: Any) -> WireAddress:
             return sockaddr.decode("utf-8", "surrogateescape")
         return str(sockaddr)
     return list(sockaddr)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """"HOST:PORT", "[IPV6]:PORT" or ":PORT" (every IPv4 interface, as the
+    CLI's --bind) -> (host, port); ValueError if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(text)
+    if not host:
+        host = "0.0.0.0"
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(text)
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(text)  # a bare IPv6 address needs brackets
+    port = int(port_text)
+    if port > 65535 or any(c.isspace() for c in host):
+        raise ValueError(text)
+    return host, port

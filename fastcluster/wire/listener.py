@@ -22,17 +22,13 @@ IntakeListener hands out what it holds and then is never readable again; a
 SocketListener's fd is replaced (dup2) by a never-readable eventfd, so a
 server blocked in select() on it just sleeps until the worker exits.
 
-For socketserver/http.server: `listen_server(server)` replaces the server's
-own socket with cluster.listen(server.server_address):
-
-    server = HTTPServer(("127.0.0.1", 8000), Handler, bind_and_activate=False)
-    cluster.listen_server(server).serve_forever()
+IntakeListener and listen_server() (for socketserver/http.server) are the
+worker's: fastcluster/worker/listener.py.
 """
 
 from __future__ import annotations
 
 import errno
-import http.server
 import os
 import select
 import socket
@@ -40,10 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
-
-from ..worker import heart as _heartbeat
-from ..worker.intake import Intake, Port
-from .address import Address
 
 
 class Tracker(Protocol):
@@ -222,80 +214,6 @@ class Listener:
         return bool(events)
 
 
-class IntakeListener(Listener):
-    """rr/least: connections come as fds from the primary's dispatcher."""
-
-    def __init__(self, intake: Intake, port: Port, family: int, address: Address,
-                 tracker: Tracker) -> None:
-        super().__init__()
-        self.family = family
-        self.lid = port.lid
-        self._intake = intake
-        self._port = port
-        self._address = address
-        self._tracker = tracker
-
-    def fileno(self) -> int:
-        if self._closed:
-            return -1
-        return self._port.fileno()
-
-    def getsockname(self) -> Any:
-        return self._address
-
-    def _take_raw(self) -> tuple[int, Release] | None:
-        """One connection's fd and the callback that reports it finished."""
-        if self._closed:
-            raise OSError(errno.EBADF, "listener is closed")
-        fd = self._intake.take(self._port)
-        if fd is None:
-            return None
-        self._tracker.conn_opened()
-        intake, tracker = self._intake, self._tracker
-
-        def done() -> None:
-            tracker.conn_closed()
-            intake.connection_closed()
-
-        return fd, Release(done)
-
-    def _take_batch(self, limit: int) -> list[int]:
-        """Up to limit connections' fds at once (the asyncio intake). Each is
-        the caller's, counted open: report its end with _finished()."""
-        if self._closed:
-            raise OSError(errno.EBADF, "listener is closed")
-        fds = self._intake.take_many(self._port, limit)
-        if fds:
-            self._tracker.conn_opened(len(fds))
-        return fds
-
-    def _finished(self) -> None:
-        """One connection from _take_batch() is over."""
-        self._tracker.conn_closed()
-        self._intake.connection_closed()
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        while True:
-            got = self._take_raw()
-            if got is not None:
-                return wrap_connection(got[0], self.family, got[1])
-            if self._timeout == 0.0:
-                raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
-            if self._intake.stopped and not self._port.fds:
-                raise OSError(errno.EINVAL, "listener takes no more connections "
-                              "(the worker is disconnecting)")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("timed out")
-            self._wait(deadline)
-
-    def _pending(self) -> int:
-        return 0 if self._closed else len(self._port.fds)
-
-    def _close(self) -> None:
-        self._intake.close_port(self._port)
-
-
 class SocketListener(Listener):
     """shared/reuseport (and the primary's own listen): a real listening socket."""
 
@@ -361,22 +279,3 @@ class SocketListener(Listener):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-def listen_server(server: Any, listen: Callable[[Any, int | None], Listener],
-                  backlog: int | None = None) -> Any:
-    """Makes a socketserver server (e.g. http.server.HTTPServer, built with
-    bind_and_activate=False) take its connections through the cluster, on
-    its server_address. Returns the server."""
-    old = getattr(server, "socket", None)
-    listener = listen(server.server_address, backlog)
-    if isinstance(old, socket.socket):
-        old.close()
-    server.socket = listener
-    _heartbeat.watch_server(server)  # serve_forever() beats (hang detection)
-    name = listener.getsockname()
-    server.server_address = name
-    if isinstance(name, tuple) and isinstance(server, http.server.HTTPServer):
-        server.server_name = name[0]  # what HTTPServer.server_bind would set
-        server.server_port = name[1]
-    return server

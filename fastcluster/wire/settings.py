@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import os
 import pwd
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..primary import health as _health
+from .address import parse_address
 
 POLICIES = ("rr", "least", "shared", "reuseport")
 START_METHODS = ("fork", "spawn")
@@ -47,7 +48,7 @@ class Settings:
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
-    health: str | None = None  # "HOST:PORT" of /healthz and /readyz (_health); None: off
+    health: str | None = None  # "HOST:PORT" of /healthz and /readyz (primary/health.py); None: off
     drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
     rolling_batch: int = 1  # workers replaced at once by a rolling restart (HUP)
     reload_signal: str = "SIGHUP"  # the signal that starts a rolling restart (RELOAD_SIGNALS)
@@ -217,6 +218,31 @@ def _hang_timeout(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def check_address(name: str, value: Any) -> str | None:
+    """The `health` setting: None (off) or "HOST:PORT"."""
+    allowed = ('None (off) or "HOST:PORT" with a port from 0 to 65535, '
+               'e.g. "127.0.0.1:8081", "[::1]:8081" or ":8081" (every IPv4 interface)')
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
+    try:
+        parse_address(value)
+    except ValueError:
+        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}") from None
+    return value
+
+
+def check_delay(name: str, value: Any) -> float:
+    """The `drain_delay` setting: seconds >= 0."""
+    allowed = "a finite number of seconds >= 0 (0: no drain)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"setting {name!r} must be {allowed}, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"setting {name!r} must be {allowed}, got {value!r}")
+    return float(value)
+
+
 def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if not _is_int(value):
@@ -245,8 +271,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "window": _int_range(1, 65536),
     "accept_batch": _int_range(1, 4096),
     "backlog": _int_range(1, 1 << 20),
-    "health": _health.check_address,
-    "drain_delay": _health.check_delay,
+    "health": check_address,
+    "drain_delay": check_delay,
     "respawn_delay": _positive_float,
     "respawn_delay_max": _positive_float,
     "respawn_stable": _positive_float,

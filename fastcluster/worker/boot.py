@@ -1,4 +1,6 @@
-"""Starting a worker process: the fork child's path and the spawn entry point.
+"""Starting a worker process, the worker's side: the fork child's path from
+the hand-over on (start_child) and the spawn entry point. The primary's side
+(main_spec, preload, die_with_parent) is fastcluster/primary/prefork.py.
 
 Theory of operation: in the primary, fork() allocates the worker's slot and
 channels and forks. The child first asks the kernel to SIGKILL it when the
@@ -36,11 +38,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import gc
 import importlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -48,114 +48,25 @@ import pwd
 import runpy
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import traceback
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from .. import _role
 from .._core import CounterTable, WorkerChannel
+from ..wire.boot import BOOT_ENV, WORKER_ENV, MainSpec, flush_stdio
 from ..wire.settings import Settings
+from . import current
+from . import heart as _heart
 from .intake import Intake
 from .runtime import WorkerRuntime
 
 log = logging.getLogger("fastcluster")
 
-WORKER_ENV = "FASTCLUSTER_WORKER"
-BOOT_ENV = "FASTCLUSTER_BOOT"
-PR_SET_PDEATHSIG = 1
 EXEC_FAILED = 127
-
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    _libc = None
-
-
-@dataclass
-class MainSpec:
-    """What a worker runs as its main."""
-
-    kind: str  # "target", "ref" (spawn: an importable target), "exec", "path", "module"
-    argv: list[str] = field(default_factory=list)  # the worker's sys.argv
-    target: Callable[[], object] | None = None
-    ref: str = ""  # "module:qualname"
-    path: str = ""  # script (exec, path; for a ref in __main__: the main script)
-    module: str = ""  # module (module; for a ref in __main__ run with -m)
-    code: CodeType | None = None  # fork: the script compiled in the primary (exec, path)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "argv": self.argv, "ref": self.ref, "path": self.path,
-                "module": self.module}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> MainSpec:
-        return cls(kind=d["kind"], argv=list(d["argv"]), ref=d["ref"], path=d["path"],
-                   module=d["module"])
-
-
-def main_spec(cfg: Settings, spawn: bool) -> MainSpec:
-    """Decides, in the primary, what the next worker runs."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    args = list(cfg.args) if cfg.args is not None else list(sys.argv[1:])
-    if cfg.exec is not None:
-        path = os.path.abspath(cfg.exec)
-        return MainSpec("exec", [cfg.exec, *args], path=path,
-                        code=None if spawn else compiled(path))
-    main = sys.modules.get("__main__")
-    mspec = getattr(main, "__spec__", None)
-    mfile = getattr(main, "__file__", None)
-    module = mspec.name if mspec is not None and mspec.name != "__main__" else ""
-    path = os.path.abspath(mfile) if not module and isinstance(mfile, str) else ""
-    if cfg.target is not None:
-        spec = MainSpec("target", [argv0, *args], target=cfg.target)
-        if spawn:
-            spec.kind, spec.target = "ref", None
-            spec.ref = _target_ref(cfg.target)
-            spec.path, spec.module = path, module
-        return spec
-    if module:
-        return MainSpec("module", [argv0, *args], module=module)
-    if path:
-        return MainSpec("path", [argv0, *args], path=path,
-                        code=None if spawn else compiled(path))
-    raise RuntimeError(
-        "cluster.fork(): __main__ has no script or module to run again (interactive "
-        "or -c?); give the worker's main with setup_primary(target=...) or exec=..."
-    )
-
-
-_compiled: dict[str, tuple[tuple[int, int], CodeType]] = {}
-
-
-def compiled(path: str) -> CodeType | None:
-    """The main script compiled in the primary, once per version of the file
-    (mtime and size), so that a forked worker runs it without compiling it
-    again: a respawn does not pay a compile proportional to the script's
-    size. None for what runpy must handle itself (a directory, a zip, a .pyc,
-    a file we cannot read or compile: the worker then reports the error)."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        key = (st.st_mtime_ns, st.st_size)
-        hit = _compiled.get(path)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with io.open_code(path) as f:
-            source = f.read()
-        if source[:2] == b"PK" or source[:4] == importlib.util.MAGIC_NUMBER:
-            return None
-        code = compile(source, path, "exec", dont_inherit=True)
-    except (OSError, SyntaxError, ValueError):
-        return None
-    _compiled[path] = (key, code)
-    return code
 
 
 def _exec_main(code: CodeType, path: str) -> None:
@@ -178,44 +89,7 @@ def _exec_main(code: CodeType, path: str) -> None:
             sys.argv[0] = saved_argv0
 
 
-def _target_ref(target: Callable[[], object]) -> str:
-    module = getattr(target, "__module__", None)
-    qual = getattr(target, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qual, str) or "<" in qual:
-        raise ValueError(
-            f"setting 'target' must be importable by name with start_method='spawn' "
-            f"(a module-level function), got {target!r}"
-        )
-    return f"{module}:{qual}"
-
-
 # -- process preparation ------------------------------------------------------
-
-_preloaded = False
-
-
-def preload() -> None:
-    """In the primary, before the first fork: import what every forked worker
-    would import itself after the fork (pkgutil for runpy, the asyncio
-    helpers, and asyncio and ssl with them), once, so that workers share it
-    copy-on-write and a respawned worker does not spend milliseconds (in
-    copy-on-write faults, mostly) importing it."""
-    global _preloaded
-    if not _preloaded:
-        _preloaded = True
-        for name in ("pkgutil", __name__.rpartition(".")[0] + ".aio"):
-            try:
-                importlib.import_module(name)
-            except Exception:  # a worker that needs it will say why
-                log.debug("fastcluster: could not preload %s", name, exc_info=True)
-
-def die_with_parent(parent_pid: int) -> None:
-    """First thing in a forked child: SIGKILL us when the primary dies."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
 
 def prepare_process(cwd: str | None, uid: int | None, gid: int | None, silent: bool) -> None:
     if silent:
@@ -259,7 +133,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    rt = _role.runtime
+    rt = current.runtime
     if rt is None:
         raise SystemExit(0)
     if rt.exit_now:
@@ -335,20 +209,11 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def flush_stdio() -> None:
-    """Flushes stdout and stderr, whatever state they are in."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
-
-
 def run_worker(runtime: WorkerRuntime, spec: MainSpec, settings: dict[str, Any]) -> int:
     """Runs a worker's main in this (worker) process; returns its exit status."""
     _worker_signals()
-    _role.become_worker(runtime, settings)
+    current.become(runtime, settings)  # the facade switches to the worker's role (_role)
+    _heart.install(runtime.intake.channel, runtime.worker.pid)  # hang detection's half
     code = 1
     try:
         runtime.start()
@@ -386,6 +251,21 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
     channel = WorkerChannel(data.detach(), table, slot)
     runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout)
     return run_worker(runtime, spec, settings)
+
+
+def start_child(*, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
+                data: socket.socket, table: CounterTable, spec: MainSpec, cfg: Settings,
+                env: dict[str, str], settings: dict[str, Any]) -> int:
+    """THE FORK SEAM, the worker's side (wire/boot.py's StartChild): the
+    primary's forked child (primary/loop.py, Primary._child) calls this, as
+    given to it by fastcluster/_role.py, and from here on the process is
+    the worker."""
+    if spawn:
+        exec_spawned(worker_id=worker_id, slot=slot, ctl_fd=ctl.fileno(),
+                     data_fd=data.fileno(), table_fd=table.fd, nslots=table.nslots,
+                     spec=spec, cfg=cfg, env=env)
+    return start_forked(worker_id=worker_id, slot=slot, ctl=ctl, data=data, table=table,
+                        spec=spec, cfg=cfg, env=env, settings=settings)
 
 
 def _interpreter_flags() -> list[str]:

@@ -49,9 +49,10 @@ from ..wire.channel import ControlSocket
 from ..wire.errors import ProtocolError
 from ..wire.frames import Frame, encode, encode_message
 from ..wire.handle import Worker
-from ..wire.listener import IntakeListener, Listener, SocketListener
+from ..wire.listener import Listener, SocketListener
 from . import heart as _heartbeat
 from .intake import Intake
+from .listener import IntakeListener
 
 log = logging.getLogger("fastcluster")
 

@@ -1,0 +1,26 @@
+"""The primary's private record of one worker (its slot, channel, timers)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..wire.channel import ControlSocket
+    from ..wire.handle import Worker
+    from .timers import Timer
+
+
+class Proc:
+    """The primary's private record of one worker."""
+
+    def __init__(self, worker: Worker, slot: int, env: dict[str, str]) -> None:
+        self.worker = worker
+        self.slot = slot
+        self.env = env  # fork(env=...) extras, reused by a respawn
+        self.chan: ControlSocket | None = None
+        self.started = time.monotonic()
+        self.watching_out = False  # EPOLLOUT watched: output is queued
+        self.bad_frames = 0
+        self.kill_timer: Timer | None = None
+        self.dead = False
