@@ -39,6 +39,7 @@ from typing import Any
 from . import _role
 from .wire.listener import Listener, SocketListener
 from .worker import heart as _heartbeat
+from .worker.aioconns import Conn, Counting, track
 from .worker.listener import IntakeListener
 
 __all__ = ["Server", "create_server", "start_server"]
@@ -46,6 +47,8 @@ __all__ = ["Server", "create_server", "start_server"]
 log = logging.getLogger("fastcluster")
 
 ACCEPT_BURST = 256  # fds taken per wake-up before yielding to the loop
+
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -94,176 +97,6 @@ async def start_server(client_connected_cb: Callable[[asyncio.StreamReader,
                                start_serving=start_serving)
 
 
-def _track(proto: asyncio.BaseProtocol, on_made: Callable[[], None] | None,
-           on_lost: Callable[[], None]) -> asyncio.BaseProtocol:
-    """Makes proto call on_made/on_lost around its own connection_made/lost
-    (the general way, for protocols _Counting cannot retype)."""
-    orig_made = proto.connection_made
-    orig_lost = proto.connection_lost
-
-    def connection_made(transport: asyncio.BaseTransport) -> None:
-        if on_made is not None:
-            on_made()
-        orig_made(transport)
-
-    def connection_lost(exc: Exception | None) -> None:
-        try:
-            orig_lost(exc)
-        finally:
-            on_lost()
-
-    try:
-        proto.connection_made = connection_made  # type: ignore[method-assign]
-        proto.connection_lost = connection_lost  # type: ignore[method-assign]
-        return proto
-    except AttributeError:  # __slots__: wrap it instead
-        cls = _BufferedProxy if isinstance(proto, asyncio.BufferedProtocol) else _Proxy
-        return cls(proto, connection_made, connection_lost)
-
-
-class _Counting:
-    """Counts a server's connections by retyping each new protocol object to
-    a subclass of its own class, made once per class, whose
-    connection_made/connection_lost call the hooks around the original ones.
-
-    Per connection that is one __class__ assignment, where _track makes two
-    closures and sets two bound-method attributes: this is the worker's
-    per-connection path. The protocol keeps its behaviour and
-    isinstance(); only type(proto) is the subclass. Classes that cannot be
-    retyped (C types, incompatible __slots__) fall back to _track."""
-
-    def __init__(self, made: Callable[[Any], None] | None,
-                 lost: Callable[[Any], None], needs_dict: bool = False) -> None:
-        self._needs_dict = needs_dict  # the hooks keep state on the protocol
-        self._made = made
-        self._lost = lost
-        self._subclasses: dict[type, type | None] = {}
-
-    def adopt(self, proto: asyncio.BaseProtocol) -> bool:
-        """Retypes proto; False if its class cannot be (use _track then)."""
-        cls = type(proto)
-        sub = self._subclasses.get(cls, cls)
-        if sub is cls:
-            sub = self._subclasses[cls] = self._subclass(cls)
-        if sub is None:
-            return False
-        own = getattr(proto, "__dict__", None)
-        if own and ("connection_made" in own or "connection_lost" in own):
-            return False  # hooks set on the instance would shadow the subclass's
-        try:
-            proto.__class__ = sub
-        except TypeError:
-            self._subclasses[cls] = None
-            return False
-        return True
-
-    def _subclass(self, cls: type[Any]) -> type | None:
-        if self._needs_dict and not cls.__dictoffset__:
-            return None
-        made, lost = self._made, self._lost
-        cls_made, cls_lost = cls.connection_made, cls.connection_lost
-
-        def connection_made(proto: Any, transport: asyncio.BaseTransport) -> None:
-            if made is not None:
-                made(proto)
-            cls_made(proto, transport)
-
-        def connection_lost(proto: Any, exc: Exception | None) -> None:
-            try:
-                cls_lost(proto, exc)
-            finally:
-                lost(proto)
-
-        try:
-            return type(cls.__name__, (cls,), {
-                "__slots__": (), "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "connection_made": connection_made, "connection_lost": connection_lost})
-        except TypeError:  # a class that cannot be subclassed
-            return None
-
-
-class _Proxy(asyncio.Protocol):
-    def __init__(self, inner: Any, made: Callable[[Any], None],
-                 lost: Callable[[Exception | None], None]) -> None:
-        self._inner = inner
-        self._made = made
-        self._lost = lost
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _BufferedProxy(_Proxy, asyncio.BufferedProtocol):
-    def get_buffer(self, sizehint: int) -> Any:
-        return self._inner.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._inner.buffer_updated(nbytes)
-
-
-_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-
-
-class _Conn:
-    """One dispatched connection in an asyncio worker: reports its end once,
-    whether the protocol saw connection_lost() or the set-up failed."""
-
-    __slots__ = ("done", "listener", "server", "sock")
-
-    def __init__(self, server: Server, listener: IntakeListener) -> None:
-        self.server = server
-        self.listener = listener
-        self.sock: socket.socket | None = None
-        self.done = False
-
-    def protocol(self) -> asyncio.BaseProtocol:
-        proto = self.server._factory()
-        if self.server._counting.adopt(proto):
-            proto._fc_conn = self  # type: ignore[attr-defined]
-            return proto
-        return _track(proto, None, self.lost)
-
-    @staticmethod
-    def lost_of(proto: Any) -> None:
-        proto._fc_conn.lost()
-
-    def lost(self) -> None:
-        if not self.done:
-            self.done = True
-            self.listener._finished()
-            self.server._conn_finished()
-
-    def set_up(self, task: asyncio.Task[Any]) -> None:
-        self.server._tasks.discard(task)
-        exc: BaseException | None = (
-            asyncio.CancelledError() if task.cancelled() else task.exception())
-        if exc is not None:
-            if self.sock is not None:
-                self.sock.close()
-            self.lost()
-            if not isinstance(exc, asyncio.CancelledError):
-                log.debug("fastcluster: connection setup failed: %r", exc)
-
-
 class Server:
     """What create_server()/start_server() return: asyncio.Server's interface."""
 
@@ -285,9 +118,9 @@ class Server:
         self._serve_fut: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         if isinstance(listener, SocketListener):  # asyncio accepts, we count
-            self._counting = _Counting(self._conn_opened, self._conn_closed)
-        else:  # the intake's fds: _Conn counts, and also covers a failed set-up
-            self._counting = _Counting(None, _Conn.lost_of, needs_dict=True)
+            self._counting = Counting(self._conn_opened, self._conn_closed)
+        else:  # the intake's fds: Conn counts, and also covers a failed set-up
+            self._counting = Counting(None, Conn.lost_of, needs_dict=True)
 
     async def _open(self, start_serving: bool, backlog: int | None) -> None:
         if isinstance(self._listener, SocketListener):
@@ -322,7 +155,7 @@ class Server:
         proto = self._factory()
         if self._counting.adopt(proto):
             return proto
-        return _track(proto, self._conn_opened, self._conn_closed)
+        return track(proto, self._conn_opened, self._conn_closed)
 
     def _start_reading(self) -> None:
         if self._reading or self._closed or (self._stopped and not self._pending()):
@@ -356,7 +189,7 @@ class Server:
         self._conns += len(fds)
         loop, family = self._loop, listener.family
         for fd in fds:
-            conn = _Conn(self, listener)
+            conn = Conn(self, listener)
             try:
                 sock = socket.socket(family, _STREAM_NONBLOCK, 0, fd)
             except BaseException:

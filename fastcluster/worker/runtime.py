@@ -44,20 +44,18 @@ import threading
 import time
 from typing import Any
 
-from ..wire import address as _address
 from ..wire.channel import ControlSocket
 from ..wire.errors import ProtocolError
-from ..wire.frames import Frame, encode, encode_message
+from ..wire.frames import Frame
 from ..wire.handle import Worker
-from ..wire.listener import Listener, SocketListener
+from ..wire.listener import Listener
 from . import heart as _heartbeat
 from .intake import Intake
-from .listener import IntakeListener
+from .outbound import Outbound, OwnWorker, Waiter
 
 log = logging.getLogger("fastcluster")
 
 TICK = 0.05  # seconds between drain checks while disconnecting
-REQUEST_TIMEOUT = 30.0  # seconds to wait for the primary's answer to a listen
 EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel closed
 # Seconds an asyncio main gets to return by itself once its servers ended
 # (asyncio.run()'s teardown included: a kick landing in it fails the worker,
@@ -65,64 +63,12 @@ EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel close
 AIO_RETURN_GRACE = 2.0
 
 
-class _Waiter:
-    """A listen request waiting for its reply (thread or asyncio side)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.event = threading.Event()
-        self.loop = loop
-        self.future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
-        self.frame: Frame = {}
-        self.fds: list[int] = []
-        self.error: BaseException | None = None
-        self.abandon: Any = None  # called with (frame, fds) if nobody takes the reply
-
-    def resolve(self, frame: Frame, fds: list[int], error: BaseException | None = None) -> None:
-        self.frame, self.fds, self.error = frame, fds, error
-        self.event.set()
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._settle)
-            except RuntimeError:  # the loop is closed
-                self._abandon()
-
-    def _settle(self) -> None:
-        fut = self.future
-        assert fut is not None
-        if fut.done():
-            self._abandon()
-        elif self.error is not None:
-            fut.set_exception(self.error)
-        else:
-            fut.set_result(None)
-
-    def _abandon(self) -> None:
-        if self.abandon is not None and self.error is None:
-            self.abandon(self.frame, self.fds)
-        else:
-            for fd in self.fds:
-                os.close(fd)
-
-
-class _OwnWorker(Worker):
-    """cluster.worker: registering a "message" listener releases the
-    messages that arrived before the worker's main registered one."""
-
-    _backend: WorkerRuntime
-
-    def on(self, event: str, fn: Any) -> Worker:
-        super().on(event, fn)
-        if event == "message":
-            self._backend.release_early()
-        return self
-
-
-class WorkerRuntime:
+class WorkerRuntime(Outbound):
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
                  graceful_timeout: float) -> None:
-        self.worker: Worker = _OwnWorker(worker_id, self, os.getpid())
+        self.worker: Worker = OwnWorker(worker_id, self, os.getpid())
         self.ctl = ControlSocket(ctl, accept_fds=True)
         self.intake = intake
         self.graceful_timeout = graceful_timeout
@@ -130,7 +76,7 @@ class WorkerRuntime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listeners: set[Listener] = set()
         self._servers: set[Any] = set()  # aio.Server objects
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._seq = itertools.count(1)
         self._open = 0  # connections handed out and not yet closed
         self._count_lock = threading.RLock()
@@ -143,7 +89,7 @@ class WorkerRuntime:
         self._in_serve = False  # the main thread waits in serve(): no need to interrupt it
         self._main_ident = threading.main_thread().ident
         self._deadline = 0.0
-        self._inline: _Waiter | None = None
+        self._inline: Waiter | None = None
         self._deferred: list[tuple[Frame, list[int]]] = []
         self.exit_now = False  # the SIGTERM handler raises SystemExit(0)
         self._early: list[Any] = []  # messages that came before any "message" listener
@@ -417,146 +363,6 @@ class WorkerRuntime:
         except (ProcessLookupError, OSError):
             pass
 
-    # -- sending -------------------------------------------------------------
-
-    def _send(self, frame: Frame, fds: list[int] | None = None) -> None:
-        self.ctl.send_blocking(encode(frame), fds)
-
-    def _send_quiet(self, frame: Frame) -> None:
-        with contextlib.suppress(OSError):
-            self._send(frame)
-
-    # -- listening -----------------------------------------------------------
-
-    def _new_request(self, frame: Frame, waiter: _Waiter) -> None:
-        if self.state != "connected":
-            raise OSError(errno.ENOTCONN, "the worker is disconnecting; it cannot listen")
-        req = next(self._seq)
-        frame["req"] = req
-        waiter.abandon = self._abandon_reply
-        self._waiters[req] = waiter
-        try:
-            self._send(frame)
-        except BaseException:
-            self._waiters.pop(req, None)
-            raise
-
-    def _abandon_reply(self, frame: Frame, fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
-        if frame.get("t") == "listen_ok" and frame.get("mode") == "rr":
-            self._send_quiet({"t": "unlisten", "lid": frame.get("lid")})
-
-    def request(self, frame: Frame) -> tuple[Frame, list[int]]:
-        waiter = _Waiter()
-        if self._thread is not None and threading.get_ident() == self._thread.ident:
-            return self._request_inline(frame, waiter)
-        self._new_request(frame, waiter)
-        if not waiter.event.wait(REQUEST_TIMEOUT):
-            self._waiters.pop(frame["req"], None)
-            raise TimeoutError("the primary did not answer the listen request")
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.frame, waiter.fds
-
-    def _request_inline(self, frame: Frame, waiter: _Waiter) -> tuple[Frame, list[int]]:
-        """A request made on the channel thread itself (from a message
-        handler): read the channel here until the reply comes; other frames
-        wait until the handler returns."""
-        self._new_request(frame, waiter)
-        self._inline = waiter
-        deadline = time.monotonic() + REQUEST_TIMEOUT
-        try:
-            while not waiter.event.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._waiters.pop(frame["req"], None)
-                    raise TimeoutError("the primary did not answer the listen request")
-                r, _w, _x = select.select([self.ctl.sock], [], [], min(left, 1.0))
-                if r:
-                    alive = self.ctl.read()
-                    self._dispatch()
-                    if not alive:
-                        raise ConnectionResetError(errno.ECONNRESET,
-                                                   "the primary closed the control channel")
-        finally:
-            self._inline = None
-            if not self.ctl.eof:
-                self.post("check")
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.frame, waiter.fds
-
-    async def request_async(self, frame: Frame) -> tuple[Frame, list[int]]:
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop)
-        self._new_request(frame, waiter)
-        assert waiter.future is not None
-        try:
-            await asyncio.wait_for(waiter.future, REQUEST_TIMEOUT)
-        except BaseException:
-            self._waiters.pop(frame["req"], None)
-            raise
-        return waiter.frame, waiter.fds
-
-    def listen_frame(self, address: Any, backlog: int | None) -> Frame:
-        if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
-                                    or backlog < 0):
-            raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
-        return {"t": "listen", "address": _address.to_wire(address), "backlog": backlog}
-
-    def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
-        """Builds the Listener a listen reply describes (raises its error)."""
-        if reply.get("t") != "listen_ok":
-            for fd in fds:
-                os.close(fd)
-            code = reply.get("errno") or errno.EINVAL
-            text = str(reply.get("strerror") or os.strerror(code))
-            if reply.get("gai"):
-                raise socket.gaierror(code, text)
-            raise OSError(code, text)
-        mode = reply["mode"]
-        family = int(reply["family"])
-        address = _address.from_wire(reply["address"])
-        listener: Listener
-        if mode == "rr":
-            for fd in fds:
-                os.close(fd)
-            port = self.intake.open_port(int(reply["lid"]))
-            listener = IntakeListener(self.intake, port, family, address, self)
-        elif mode == "shared":
-            if not fds:
-                raise OSError(errno.EBADF, "the primary did not pass the listening socket")
-            for fd in fds[1:]:
-                os.close(fd)
-            listener = SocketListener(socket.socket(fileno=fds[0]), self)
-        else:
-            for fd in fds:
-                os.close(fd)
-            listener = SocketListener(_reuseport_socket(family, address,
-                                                        int(reply.get("backlog") or 511)), self)
-        listener._on_close = self._forget_listener
-        self._listeners.add(listener)
-        return listener
-
-    def listening(self, listener: Listener) -> None:
-        """Tells the primary a listener is ready ("listening" event)."""
-        self.worker.state = "listening"
-        name = listener.getsockname()
-        wire = name if isinstance(name, str) else list(name)
-        self._send_quiet({"t": "listening", "address": wire})
-
-    def listen(self, address: Any, backlog: int | None = None) -> Listener:
-        reply, fds = self.request(self.listen_frame(address, backlog))
-        listener = self.make_listener(reply, fds)
-        self.listening(listener)
-        return listener
-
-    def _forget_listener(self, listener: Listener) -> None:
-        self._listeners.discard(listener)
-        if isinstance(listener, IntakeListener) and self.state == "connected":
-            self._send_quiet({"t": "unlisten", "lid": listener.lid})
-
     # -- asyncio -------------------------------------------------------------
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -581,48 +387,3 @@ class WorkerRuntime:
             n = self._open
         if n <= 0 and self.state == "disconnecting":
             self.post("check")
-
-    # -- Worker backend (cluster.worker) -------------------------------------
-
-    def worker_send(self, worker: Worker, message: Any) -> bool:
-        data = encode_message(message)
-        if self.state == "disconnected" or self.ctl.closed:
-            return False
-        try:
-            self.ctl.send_blocking(data)
-        except OSError:
-            return False
-        return True
-
-    def worker_kill(self, worker: Worker, signum: int) -> None:
-        self.worker.exited_after_disconnect = True
-        self._send_quiet({"t": "disconnecting"})
-        if threading.get_ident() == self._main_ident:
-            self.exit_now = True
-            raise SystemExit(0)
-        self.post("kill")
-
-    def worker_disconnect(self, worker: Worker) -> None:
-        if self._thread is not None and threading.get_ident() == self._thread.ident:
-            self._begin_disconnect(by_primary=False)
-        else:
-            self.post("disconnect")
-
-    def worker_is_connected(self, worker: Worker) -> bool:
-        return self.state != "disconnected"
-
-    def worker_is_dead(self, worker: Worker) -> bool:
-        return False
-
-
-def _reuseport_socket(family: int, address: Any, backlog: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
