@@ -17,6 +17,12 @@ messages and disconnect callbacks are delivered from it. In a worker,
 cluster.run() serves the worker's channel until it is disconnected (a worker
 whose main returns does that by itself while it has message handlers or
 listeners). Linux only: the import fails with ImportError elsewhere.
+
+Public: the names in __all__ below, and the modules fastcluster.aio,
+fastcluster.asgi, fastcluster.wsgi and fastcluster.pytest_plugin (and the
+`fastcluster` command). Everything else is private: the subpackages
+primary/ (runs in the primary), worker_side/ (runs in a worker), wire/ (what
+both share), cli/ (the command), and _role, _core.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from .wire.errors import ClusterError, ProtocolError
 from .wire.events import EventEmitter
 from .wire.handle import Worker
 from .wire.listener import Listener
-from .worker import listener as _listener
+from .worker_side import listener as _listener
 
 __all__ = [
     "POLICY_LEAST",
@@ -68,7 +74,7 @@ POLICY_REUSEPORT = "reuseport"  # every worker accepts on its own SO_REUSEPORT s
 SCHED_RR = POLICY_RR
 SCHED_NONE = POLICY_SHARED
 
-# The role's view; rebound in a worker before its code runs (_role.become_worker).
+# The role's view; rebound in a worker before its code runs (_role._become_worker).
 is_primary: bool = True
 is_worker: bool = False
 worker: Worker | None = None

@@ -1,13 +1,13 @@
 """Which role this process plays, the state the public facade shows, and the
-fork seam: the one module that joins primary/ and worker/.
+fork seam: the one module that joins primary/ and worker_side/.
 
 Theory of operation: a process starts as the primary. The cluster-wide
 EventEmitter, the `workers` dict and the `settings` dict live here and are
 the very objects the facade exports, so they stay current as the primary
-mutates them. The primary's loop is made here, given worker/boot.py's
+mutates them. The primary's loop is made here, given worker_side/boot.py's
 start_child: its forked child calls that to become the worker (the fork
-seam; primary/ itself never imports worker/). When a worker starts (fork
-child or spawned interpreter), worker/current.py's become() records its
+seam; primary/ itself never imports worker_side/). When a worker starts (fork
+child or spawned interpreter), worker_side/current.py's become() records its
 runtime and calls _become_worker() (registered below), which rebinds the
 facade's module globals (is_primary, is_worker, worker, workers, settings)
 for the worker's code, which runs after that.
@@ -19,12 +19,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .wire.events import EventEmitter
-from .worker import current
+from .worker_side import current
 
 if TYPE_CHECKING:
     from .primary.loop import Primary
     from .wire.handle import Worker
-    from .worker.runtime import WorkerRuntime
+    from .worker_side.runtime import WorkerRuntime
 
 events = EventEmitter()  # cluster.on/once/off
 workers: dict[int, Worker] = {}  # the primary's live workers (cluster.workers)
@@ -41,7 +41,7 @@ def primary() -> Primary:
     global _primary
     if _primary is None:
         from .primary.loop import Primary  # imported when first needed, as before
-        from .worker import boot
+        from .worker_side import boot
 
         # THE FORK SEAM: the primary's forked child hands over to the worker's
         # start through this callable (wire/boot.py's StartChild)

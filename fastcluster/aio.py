@@ -38,9 +38,9 @@ from typing import Any
 
 from . import _role
 from .wire.listener import Listener, SocketListener
-from .worker import heart as _heartbeat
-from .worker.aioconns import Conn, Counting, track
-from .worker.listener import IntakeListener
+from .worker_side import heart as _heartbeat
+from .worker_side.aioconns import Conn, Counting, track
+from .worker_side.listener import IntakeListener
 
 __all__ = ["Server", "create_server", "start_server"]
 

@@ -38,7 +38,7 @@ from email.utils import formatdate
 from typing import Any
 
 from . import _role, aio
-from .worker.current import request_counter as worker_request_counter
+from .worker_side.current import request_counter as worker_request_counter
 
 __all__ = ["MissingDependency", "require_uvicorn", "serve"]
 

@@ -35,7 +35,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import fastcluster as cluster
 
-from .worker.current import request_counter as worker_request_counter
+from .worker_side.current import request_counter as worker_request_counter
 
 BOOT_ERROR = 3  # exit status of a worker that could not start serving
 SLOT_WAIT = 0.25  # seconds between heartbeats while every thread is busy
@@ -108,7 +108,7 @@ class PoolWSGIServer(WSGIServer):
         if not isinstance(client_address, tuple):  # a Unix socket's peer has no address
             client_address = ("", 0)
         # every thread busy: take no connection now; this thread is not stuck,
-        # though (its heartbeat goes on: service_actions; see _heartbeat)
+        # though (its heartbeat goes on: service_actions; see worker_side/heart.py)
         while not self._slots.acquire(timeout=SLOT_WAIT):
             self.service_actions()
         try:

@@ -32,9 +32,10 @@ def test_mypy_strict_clean() -> None:
 #
 #   wire/            shared by both sides: imports only wire/ (and the C core, _core)
 #   primary/         runs only in the primary: wire/, primary/, _core
-#   worker/          runs only in a worker: wire/, worker/, _core
+#   worker_side/     runs only in a worker: wire/, worker_side/, _core
+#                    (not `worker/`: fastcluster.worker is the public cluster.worker)
 #   the top level    __init__ (the public API), _role (the role state and the fork
-#                    seam, the one module that joins primary/ and worker/), aio,
+#                    seam, the one module that joins primary/ and worker_side/), aio,
 #                    asgi, wsgi, pytest_plugin: anything but cli/
 #   cli/             the command: anything (only __main__ imports it)
 #
@@ -83,7 +84,7 @@ def _graph(pkg: Path) -> dict[str, set[str]]:
 
 def _layer(mod: str) -> str:
     parts = mod.split(".")
-    if len(parts) > 1 and parts[1] in ("wire", "primary", "worker", "cli"):
+    if len(parts) > 1 and parts[1] in ("wire", "primary", "worker_side", "cli"):
         return parts[1]
     return "core" if mod == "fastcluster._core" else "top"
 
@@ -91,9 +92,9 @@ def _layer(mod: str) -> str:
 ALLOWED = {  # layer -> the layers it may import
     "wire": {"wire", "core"},
     "primary": {"primary", "wire", "core"},
-    "worker": {"worker", "wire", "core"},
-    "top": {"top", "primary", "worker", "wire", "core"},
-    "cli": {"cli", "top", "primary", "worker", "wire", "core"},
+    "worker_side": {"worker_side", "wire", "core"},
+    "top": {"top", "primary", "worker_side", "wire", "core"},
+    "cli": {"cli", "top", "primary", "worker_side", "wire", "core"},
 }
 
 
@@ -162,12 +163,22 @@ def test_layout_checks_catch_a_planted_violation(tmp_path: Path) -> None:
     importing it back, fails both."""
     copy = tmp_path / "fastcluster"
     shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
-    heart = copy / "worker" / "heart.py"
+    heart = copy / "worker_side" / "heart.py"
     heart.write_text(heart.read_text() + "\nif TYPE_CHECKING:\n    from ..primary import loop\n")
     loop = copy / "primary" / "loop.py"
-    loop.write_text(loop.read_text() + "\n\ndef _f() -> None:\n    from ..worker import heart\n")
+    loop.write_text(loop.read_text() + "\n\ndef _f() -> None:\n    from ..worker_side import heart\n")
     graph = _graph(copy)
-    assert "fastcluster.worker.heart (worker/) imports fastcluster.primary.loop (primary/)" \
+    assert "fastcluster.worker_side.heart (worker_side/) imports fastcluster.primary.loop (primary/)" \
         in _layout_violations(graph)
-    assert any("fastcluster.worker.heart" in c and "fastcluster.primary.loop" in c
+    assert any("fastcluster.worker_side.heart" in c and "fastcluster.primary.loop" in c
                for c in _cycles(graph))
+
+
+def test_no_subpackage_shadows_a_public_name() -> None:
+    """A subpackage named like a public attribute (cluster.worker, cluster.workers)
+    would be replaced by it, and `import fastcluster.<name>.x as m` would fail."""
+    import fastcluster
+
+    subpackages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert subpackages == {"primary", "worker_side", "wire", "cli"}
+    assert not subpackages & set(fastcluster.__all__)

@@ -16,10 +16,10 @@ run() loops:
        worker's data channel hung up (EV_WORKER_GONE), or the timeout.
 
 The supervision policies live beside it, each in its own module, called
-from the loop's events: _respawn (replace a worker that died, crash-loop
-backoff), _rolling (SIGHUP and recycling: replacement listening first),
-_recycle (max_requests, max_rss timer), _ready (when_ready, sd_notify),
-_hooks (the hook settings), _heartbeat (hang detection).
+from the loop's events: respawn.py (replace a worker that died, crash-loop
+backoff), rolling.py (SIGHUP and recycling: replacement listening first),
+recycle.py (max_requests, max_rss timer), ready.py (when_ready, sd_notify),
+hooks.py (the hook settings), watchdog.py (hang detection), health.py.
 
 The class keeps the loop, fork and reap; its other parts are mixins
 beside it: primary/channels.py (control channels, the Worker backend),
@@ -54,7 +54,7 @@ from .._core import (
     CounterTable,
     Dispatcher,
 )
-from ..wire import boot as _boot
+from ..wire import boot
 from ..wire.channel import ControlSocket
 from ..wire.events import EventEmitter
 from ..wire.handle import Worker, signal_name
@@ -85,7 +85,7 @@ class Primary(Operations, Signals, Channels):
     MAX_TICK = 1.0  # longest sleep in the C loop (reap even if a SIGCHLD was missed)
 
     def __init__(self, events: EventEmitter, workers: dict[int, Worker],
-                 settings: dict[str, Any], start_child: _boot.StartChild) -> None:
+                 settings: dict[str, Any], start_child: boot.StartChild) -> None:
         self._start_child = start_child  # the fork seam: see _child()
         self.events = events  # the cluster's EventEmitter (cluster.on)
         self.workers = workers  # cluster.workers: live workers by id
@@ -115,7 +115,7 @@ class Primary(Operations, Signals, Channels):
         self._watchdog = Watchdog(self)  # hang detection (setting `timeout`)
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
-        self.health = Health(self)  # readiness, drain, /healthz and /readyz (_health)
+        self.health = Health(self)  # readiness, drain, /healthz and /readyz (health.py)
 
     # -- forking -------------------------------------------------------------
 
@@ -174,7 +174,7 @@ class Primary(Operations, Signals, Channels):
         env = {**cfg.env, **extra}
         parent = os.getpid()
         _hooks.call(cfg, "pre_fork", worker)
-        _boot.flush_stdio()  # or the child would print the primary's buffered output again
+        boot.flush_stdio()  # or the child would print the primary's buffered output again
         try:
             pid = os.fork()
         except BaseException:
@@ -209,7 +209,7 @@ class Primary(Operations, Signals, Channels):
         return worker
 
     def _child(self, proc: Proc, ctl_p: socket.socket, ctl_w: socket.socket,
-               data_w: socket.socket, spec: _boot.MainSpec, env: dict[str, str],
+               data_w: socket.socket, spec: boot.MainSpec, env: dict[str, str],
                spawn: bool) -> int:
         """In the forked child: drop the primary's fds, become the worker."""
         cfg = self.config()
@@ -221,7 +221,7 @@ class Primary(Operations, Signals, Channels):
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
         # The fork seam: from here the child runs the worker's start
-        # (worker/boot.py's start_child, given by fastcluster/_role.py).
+        # (worker_side/boot.py's start_child, given by fastcluster/_role.py).
         return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
                                  ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
                                  env=env, settings=settings)

@@ -2,7 +2,7 @@
 what the worker will run (main_spec, the main script compiled once per
 version of the file), what to import once for every forked worker
 (preload), and the child's first act (die_with_parent). The worker's part
-is fastcluster/worker/boot.py; the hand-over is wire/boot.py's StartChild.
+is fastcluster/worker_side/boot.py; the hand-over is wire/boot.py's StartChild.
 """
 
 from __future__ import annotations

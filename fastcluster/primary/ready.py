@@ -4,7 +4,7 @@ Theory of operation: after each "listening" event the primary asks
 on_listening(); the first time every live worker (not leaving) has listened
 at least once, when_ready() runs and sd_notify("READY=1") is sent (a no-op
 without NOTIFY_SOCKET). A rolling restart sends RELOADING=1 and READY=1
-itself (_rolling.py); shutdown sends STOPPING=1 (stopping()).
+itself (rolling.py); shutdown sends STOPPING=1 (stopping()).
 """
 
 from __future__ import annotations

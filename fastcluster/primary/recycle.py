@@ -1,5 +1,5 @@
 """Recycling: replace a worker that served `max_requests` or grew past
-`max_rss` bytes, gracefully, through the rolling-restart path (_rolling.py:
+`max_rss` bytes, gracefully, through the rolling-restart path (rolling.py:
 the replacement listens first, then the old worker finishes what it holds).
 
 Theory of operation: nothing is counted per connection in Python. A timer

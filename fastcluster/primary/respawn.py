@@ -6,7 +6,7 @@ rolling restart, a shutdown) gets a replacement with the same fork(env=...)
 extras. A worker that lived `respawn_stable` seconds is replaced right there,
 inside the reap, with no timer in between: the replacement is forked within
 the same loop turn that saw the SIGCHLD. One that died younger goes through
-the crash-loop pacer (_backoff.py): a timer with a growing delay, and a log
+the crash-loop pacer (backoff.py): a timer with a growing delay, and a log
 line that says what happens (an error once the crashes repeat, so a worker
 that cannot boot is reported, not silently retried). Pending replacements are
 cancelled when the cluster stops, so SIGTERM during a long backoff exits at

@@ -23,7 +23,7 @@ ids of workers still to replace:
                up a second restart. A replacement still starting is in the
                set too (it may run the code from before this HUP); its own
                replacement starts once it is ready.
-  recycle(w)   max_requests / max_rss (_recycle.py): queue one worker.
+  recycle(w)   max_requests / max_rss (recycle.py): queue one worker.
 
 A replacement that exits before it is ready, or is not ready within
 `ready_timeout` (then it is SIGKILLed), fails its step: the old worker

@@ -32,7 +32,7 @@ shared memory is the oldest of them, so one stuck loop is seen even while
 another beats. A beater that stops serving (server closed, serve_forever()
 returned) is dropped; with none left the stamp goes back to 0.
 
-The beating half is fastcluster/worker/heart.py, the checking half
+The beating half is fastcluster/worker_side/heart.py, the checking half
 fastcluster/primary/watchdog.py.
 
 The primary writes the timeout into the slot before the fork (so spawned

@@ -3,9 +3,9 @@ runs as its main (MainSpec), the signature of the hand-over at the fork
 (StartChild), the environment variables a spawned worker boots from.
 
 The fork seam: the primary (primary/loop.py) forks, and its child calls the
-StartChild it was given; fastcluster/_role.py gives it worker/boot.py's
+StartChild it was given; fastcluster/_role.py gives it worker_side/boot.py's
 start_child. That is the one place the primary's code hands over to the
-worker's, and no module of primary/ imports worker/ for it.
+worker's, and no module of primary/ imports worker_side/ for it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class MainSpec:
 
 
 class StartChild(Protocol):
-    """The forked child's hand-over to the worker's start (worker/boot.py's
+    """The forked child's hand-over to the worker's start (worker_side/boot.py's
     start_child): returns the worker's exit status (spawn: never returns)."""
 
     def __call__(self, *, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,

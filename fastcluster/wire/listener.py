@@ -5,7 +5,7 @@ Theory of operation: two kinds behind one interface (fileno, accept,
 getsockname, close, settimeout/gettimeout/setblocking).
 
   IntakeListener  rr/least: connections arrive as fds from the primary's C
-                  dispatcher (see _intake). fileno() is the Port's epoll fd:
+                  dispatcher (see worker_side/intake.py). fileno() is the Port's epoll fd:
                   readable while a batch waits on the data channel or the
                   listener still holds fds it has not handed out.
   SocketListener  shared/reuseport (and a listen() in the primary): a real
@@ -23,7 +23,7 @@ SocketListener's fd is replaced (dup2) by a never-readable eventfd, so a
 server blocked in select() on it just sleeps until the worker exits.
 
 IntakeListener and listen_server() (for socketserver/http.server) are the
-worker's: fastcluster/worker/listener.py.
+worker's: fastcluster/worker_side/listener.py.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class Settings:
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
     respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
     graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
-    timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see _heartbeat
+    timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see wire/beat.py
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)

@@ -100,7 +100,7 @@ class WorkerRuntime(Outbound):
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
 
-    # -- life cycle (called by _boot) -----------------------------------------
+    # -- life cycle (called by boot.py) -----------------------------------------
 
     def start(self) -> None:
         self._send({"t": "online", "pid": os.getpid()})

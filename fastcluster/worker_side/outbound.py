@@ -1,4 +1,4 @@
-"""What a worker asks of the primary (a mixin of worker/runtime.py's
+"""What a worker asks of the primary (a mixin of worker_side/runtime.py's
 WorkerRuntime): listen requests and their waiters (answered on the channel
 thread, or read inline when the asking thread is the channel thread), the
 frames it sends, and cluster.worker's backend (send, kill, disconnect).
@@ -85,9 +85,9 @@ class OwnWorker(Worker):
 
 
 class Outbound:
-    """What the worker asks of the primary (a mixin of worker/runtime.py's WorkerRuntime)."""
+    """What the worker asks of the primary (a mixin of worker_side/runtime.py's WorkerRuntime)."""
 
-    # the runtime's state this part uses (set in WorkerRuntime.__init__, worker/runtime.py)
+    # the runtime's state this part uses (set in WorkerRuntime.__init__, worker_side/runtime.py)
     _inline: Waiter | None
     _listeners: set[Listener]
     _main_ident: int | None

@@ -1,5 +1,5 @@
 """This process's worker runtime: None in the primary, set by become() when a
-worker starts (worker/boot.py), before the worker's main runs.
+worker starts (worker_side/boot.py), before the worker's main runs.
 
 become() also runs the hooks registered with on_become(): fastcluster/_role.py
 registers the one that switches the public facade (cluster.is_worker,

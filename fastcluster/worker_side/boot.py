@@ -212,7 +212,7 @@ def _exit_code(e: SystemExit) -> int:
 def run_worker(runtime: WorkerRuntime, spec: MainSpec, settings: dict[str, Any]) -> int:
     """Runs a worker's main in this (worker) process; returns its exit status."""
     _worker_signals()
-    current.become(runtime, settings)  # the facade switches to the worker's role (_role)
+    current.become(runtime, settings)  # the facade switches role (fastcluster/_role.py)
     _heart.install(runtime.intake.channel, runtime.worker.pid)  # hang detection's half
     code = 1
     try:
@@ -285,9 +285,10 @@ def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_
     full_env[BOOT_ENV] = json.dumps({"spec": spec.to_json(), "sys_path": sys.path,
                                      "graceful_timeout": cfg.graceful_timeout})
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the directory that holds the fastcluster package (this is fastcluster/worker_side/boot.py)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (f"import sys; sys.path.insert(0, {here!r}); "
-            "from fastcluster.worker.boot import spawn_main; spawn_main()")
+            "from fastcluster.worker_side.boot import spawn_main; spawn_main()")
     argv = [sys.executable, *_interpreter_flags(), "-c", code]
     os.execve(sys.executable, argv, full_env)
 
