@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import _servers
+from bench import _goals, _servers
 
 Results = dict[str, Any]
 
@@ -285,14 +285,15 @@ def markdown(res: Results) -> str:
               "Connection: close / read the body, in forked processes (respawn: 1 x 4 "
               "clients; rolling: 2 x 8); a request failed when the connection was refused or "
               "reset, timed out (5 s) or ended before the body. Respawn: 4 workers, the oldest is "
-              "SIGKILLed, 0.5 s apart, only once it is older than 10.5 s (the supervisor delays "
-              "the replacement of a worker that dies within 10 s of its start, on purpose: "
-              "crash-loop backoff); time from the SIGKILL to the new worker's first connection "
+              "SIGKILLed, each kill a gap after the previous replacement accepted, only once "
+              "it is old enough to have listened (the supervisor delays the replacement of a "
+              "worker that dies before it is ready, on purpose: crash-loop backoff); time "
+              "from the SIGKILL to the new worker's first connection "
               "(CLOCK_MONOTONIC, written by the worker at once; 'worker code running' = "
               "when the new worker's count file appeared). Rolling: SIGHUP to the primary, "
               "then wait until every old worker is gone and as many new ones have served.", ""]
 
-    lines += goals(res)
+    lines += _goals.goals(res)
     notes = res.get("notes") or []
     skipped = [(n, v["skipped"]) for n, v in res["servers"].items() if v.get("skipped")]
     if notes or skipped:
@@ -305,70 +306,6 @@ def markdown(res: Results) -> str:
                    [[f"`{n}`", label(res, n), _servers.BY_NAME[n].what] for n in res["servers"]])
     lines += [""]
     return "\n".join(lines)
-
-
-def goals(res: Results) -> list[str]:
-    """Issue D's goals, each with the ratio reached in this run."""
-    node, rp = baseline(res, _servers.NODE_RR), baseline(res, _servers.REUSEPORT)
-    rr, _least = fc_rr(res), fc_least(res)
-    rows: list[list[str]] = []
-
-    def row(goal: str, value: float | None, target: float, fmt: str, le: bool,
-            note: str = "") -> None:
-        if value is None or math.isnan(value):
-            rows.append([goal, "not measured", "-", note])
-            return
-        ok = value <= target if le else value >= target
-        rows.append([goal, fmt.format(value), "met" if ok else "missed", note])
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    if rr:
-        r_lbl = label(res, rr)
-        row(f"close, {res['settings']['workers']} workers: {r_lbl} ÷ Node SCHED_RR >= 1.8",
-            ratio(med(res, rr, "close", "rps"), med(res, node, "close", "rps") if node else None),
-            1.8, "{:.2f}x", False)
-        row(f"close: {r_lbl} ÷ SO_REUSEPORT >= 1.0",
-            ratio(med(res, rr, "close", "rps"), med(res, rp, "close", "rps") if rp else None),
-            1.0, "{:.2f}x", False)
-        sc = med(res, rr, "close", "primary", "sched_us")
-        rows.append([f"{r_lbl} dispatcher capacity (1 / primary on-CPU per connection)",
-                     f"{1e6 / sc:,.0f} connections/s per core" if sc else "not measured", "-",
-                     "what decides how many workers one primary can feed"])
-        row(f"keep-alive: {r_lbl} ÷ SO_REUSEPORT >= 0.98",
-            ratio(med(res, rr, "keepalive", "rps"),
-                  med(res, rp, "keepalive", "rps") if rp else None), 0.98, "{:.2f}x", False)
-        row(f"{r_lbl} primary user CPU per connection <= 0.5 µs",
-            med(res, rr, "close", "primary", "user_us"), 0.5, "{:.2f} µs", True,
-            f"± {f_num(med(res, rr, 'close', 'primary', 'tick_us_per_conn'), 2)} µs (1 tick)")
-        row(f"{r_lbl} primary user+system per connection ÷ Node RR's <= 0.4",
-            ratio(med(res, rr, "close", "primary", "stat_us"),
-                  med(res, node, "close", "primary", "stat_us") if node else None),
-            0.4, "{:.2f}x", True,
-            f"{f_num(med(res, rr, 'close', 'primary', 'stat_us'), 2)} µs vs "
-            f"{f_num(med(res, node, 'close', 'primary', 'stat_us'), 2) if node else '-'} µs")
-        row(f"{r_lbl} per-worker share max/min <= 1.05 (close, counted)",
-            med(res, rr, "close", "shares", "connections", "max_min"), 1.05, "{:.3f}", True)
-    slow = res.get("slow") or {}
-    sl = next((n for n in ("fc-least", "core-least") if dig(slow, n, "p99")), None)
-    sr = next((n for n in ("fc-reuseport", "reuseport") if dig(slow, n, "p99")), None)
-    if sl or sr:
-        row(f"slow worker p99: {label(res, sl) if sl else 'least'} ÷ "
-            f"{label(res, sr) if sr else 'reuseport'} <= 0.5",
-            ratio(dig(slow, sl, "p99") if sl else None, dig(slow, sr, "p99") if sr else None),
-            0.5, "{:.2f}x", True,
-            f"{f_num(dig(slow, sl, 'p99') if sl else None, 1)} ms vs "
-            f"{f_num(dig(slow, sr, 'p99') if sr else None, 1)} ms")
-    rs = next((r for r in (res.get("respawn") or {}).values() if r.get("available")), None)
-    row("respawn, worker SIGKILLed -> replacement accepting, median < 10 ms (issue C)",
-        statistics.median(rs["accepting_ms"]) if rs else None, 10.0, "{:.1f} ms", True)
-    ro = (res.get("rolling") or {}).get("fc-rr")
-    row("failed requests during rolling restarts (SIGHUP) = 0 (issue C)",
-        float(ro["failed"]) if ro and ro.get("available") else None, 0.0, "{:.0f}", True)
-    out = ["## Goals (issue D), ratios from this run", ""]
-    out += table(["goal", "measured", "", "note"], rows)
-    return [*out, ""]
 
 
 def plot(res: Results, path: Path) -> str | None:

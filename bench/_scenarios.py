@@ -145,13 +145,14 @@ def _live_workers(srv: _proc.Server, spec: Spec) -> dict[int, float]:
     return {p: 0.0 for p in _proc.workers_of(srv.pid) if _proc.alive(p)}
 
 
-def respawn(spec: Spec, ctx: Ctx, kills: int, min_age: float = 10.5, gap: float = 0.5,
+def respawn(spec: Spec, ctx: Ctx, kills: int, min_age: float = 1.0, gap: float = 0.3,
             workers: int = 4) -> dict[str, Any]:
-    """SIGKILL a worker `kills` times under load; time until a new worker has
-    accepted a connection, and failed requests. Only workers older than
-    `min_age` are killed: the supervisor treats a worker that dies within 10 s
-    of its start as a crash loop and delays its replacement on purpose
-    (fastcluster/_backoff.py), which is not what this measures."""
+    """SIGKILL a worker `kills` times under load, `gap` s after the previous
+    replacement accepted; time until a new worker has accepted a connection,
+    and failed requests. Only workers older than `min_age` are killed: a
+    worker that dies before it is ready (listening) is taken for a crash loop
+    and its replacement delayed on purpose (fastcluster/primary/respawn.py),
+    which is not what this measures."""
     srv = start(spec, ctx, workers)
     limit = kills * 12 + min_age + 20
     load = _loadgen.Load(srv.port, limit, procs=1, threads=4)  # moderate load

@@ -73,10 +73,18 @@ class Spec:
         if self.name == "gunicorn-sync":
             return [py, "-m", "gunicorn", "-w", n, "-b", f"127.0.0.1:{port}", "--pythonpath",
                     a, "--log-level", "warning", "wsgi_app:app"]
-        if self.name.startswith("fc-cli"):  # the CLI on the anchors' ASGI app
-            return [py, "-m", "fastcluster", "run", "asgi_app:app", "--workers", n,
-                    "--bind", f"127.0.0.1:{port}", "--app-dir", a, "--status-socket", "off",
-                    "--log-level", "warning", "--policy", self.env.get("POLICY", "rr")]
+        if self.name == "gunicorn-gthread":
+            return [py, "-m", "gunicorn", "-w", n, "-k", "gthread", "--threads",
+                    str(WSGI_THREADS), "-b", f"127.0.0.1:{port}", "--pythonpath", a,
+                    "--log-level", "warning", "wsgi_app:app"]
+        if self.name.startswith("fc-cli"):  # the CLI on the anchors' ASGI or WSGI app
+            argv = [py, "-m", "fastcluster", "run", self.env.get("APP", "asgi_app:app"),
+                    "--workers", n, "--bind", f"127.0.0.1:{port}", "--app-dir", a,
+                    "--status-socket", "off", "--log-level", "warning",
+                    "--policy", self.env.get("POLICY", "rr")]
+            if self.env.get("APP", "").startswith("wsgi"):
+                argv += ["--threads", str(WSGI_THREADS)]
+            return argv
         if self.name.startswith("fc-"):
             return [py, str(s / "fastcluster_hello.py")]
         if self.name.startswith("core-"):
@@ -89,6 +97,9 @@ class Spec:
 
 
 ASYNC = "raw asyncio protocol"
+WSGI_THREADS = 4  # threads per WSGI worker, the same for gunicorn gthread and fastcluster run
+FC_POLICIES = ("rr", "least", "shared", "reuseport", "steer")
+CLI_POLICIES = ("rr", "least", "shared", "steer")
 SPECS = [
     Spec("node-rr", "Node cluster SCHED_RR", "node_cluster.js, NODE_CLUSTER_SCHED_POLICY=rr",
          counted=False, primary="accepts", needs=("node", "anchors"),
@@ -109,16 +120,27 @@ SPECS = [
          primary="idle", needs=("anchors", "gunicorn", "uvicorn"), supervised=True),
     Spec("gunicorn-sync", "gunicorn sync", "gunicorn -w N wsgi_app:app", counted=False,
          primary="idle", needs=("anchors", "gunicorn"), supervised=True),
+    Spec("gunicorn-gthread", "gunicorn gthread",
+         f"gunicorn -w N -k gthread --threads {WSGI_THREADS} wsgi_app:app", counted=False,
+         primary="idle", needs=("anchors", "gunicorn"), supervised=True),
     *(Spec(f"fc-{p}", f"fastcluster {p}",
            f"bench/servers/fastcluster_hello.py, policy={p}, public API, {ASYNC}",
            counted=True, primary="accepts" if p in ("rr", "least") else "idle",
            needs=("api",), env={"POLICY": p}, slow_capable=True, supervised=True)
-      for p in ("rr", "least", "shared", "reuseport")),
+      for p in FC_POLICIES),
+    Spec("fc-steer-cbpf", "fastcluster steer (cBPF)",
+         f"bench/servers/fastcluster_hello.py, policy=steer, steer_mode=cbpf (classic BPF "
+         f"weights), public API, {ASYNC}", counted=True, primary="idle", needs=("api",),
+         env={"POLICY": "steer", "STEER_MODE": "cbpf"}, slow_capable=True, supervised=True),
     *(Spec(f"fc-cli-{p}", f"fastcluster run ({p})",
            f"python -m fastcluster run asgi_app:app --policy {p} (uvicorn's protocol)",
            counted=False, primary="accepts" if p in ("rr", "least") else "idle",
            needs=("api", "anchors", "uvicorn"), env={"POLICY": p}, supervised=True)
-      for p in ("rr", "least", "shared")),
+      for p in CLI_POLICIES),
+    Spec("fc-cli-wsgi", "fastcluster run WSGI (steer)",
+         f"python -m fastcluster run wsgi_app:app --policy steer --threads {WSGI_THREADS}",
+         counted=False, primary="idle", needs=("api", "anchors", "uvicorn"),
+         env={"POLICY": "steer", "APP": "wsgi_app:app"}, supervised=True),
     *(Spec(f"core-{p}", f"fastcluster core {p}",
            f"bench/servers/core_hello.py: primary on fastcluster._core alone, policy={p}, "
            f"{ASYNC}", counted=True, primary="accepts", env={"POLICY": p}, slow_capable=True)

@@ -29,6 +29,8 @@ from bench import _env, _report, _scenarios, _servers
 from bench._env import say
 
 SCENARIOS = ("throughput", "slow", "respawn", "rolling")
+RESPAWN_SERVERS = ("fc-rr", "fc-steer")  # supervised servers whose workers count themselves
+ROLLING_SERVERS = ("fc-rr", "fc-steer", "fc-cli-steer", "gunicorn-uvicorn", "uvicorn")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,9 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slow-servers", default="auto",
                     help="servers for the slow-worker scenario (default: the fastcluster "
                          "policies and the counting SO_REUSEPORT server among --servers)")
-    ap.add_argument("--respawn-kills", type=int, default=8,
-                    help="SIGKILLs in the respawn scenario, 4 workers, each victim older "
-                         "than 10.5 s so no crash-loop backoff applies (8)")
+    ap.add_argument("--respawn-kills", type=int, default=5,
+                    help="SIGKILLs in the respawn scenario, 4 workers, the oldest each time (5)")
+    ap.add_argument("--respawn-gap", type=float, default=0.3,
+                    help="seconds between a replacement accepting and the next SIGKILL (0.3)")
+    ap.add_argument("--respawn-min-age", type=float, default=1.0,
+                    help="only kill a worker at least this old, in s (1.0: it has listened; "
+                         "a worker that dies before it is ready is backed off on purpose)")
     ap.add_argument("--hups", type=int, default=3, help="SIGHUPs in the rolling scenario (3)")
     ap.add_argument("--out", default=str(_env.REPO / "bench" / "results"),
                     help="directory for <name>.md/.json/.png (bench/results)")
@@ -175,23 +181,29 @@ def main(argv: list[str] | None = None) -> int:
                 res["slow"][spec.name] = {"error": str(e)[-600:]}
                 say(f"  failed: {e}")
 
-    sup_fc = _servers.BY_NAME["fc-rr"]
-    if "respawn" not in a.skip_set and "fc-rr" in a.server_list:
-        if not api_ok:
-            res["respawn"]["fc-rr"] = {"skipped": api_reason}
-        else:
-            say(f"respawn: fc-rr, {a.respawn_kills} SIGKILLs under load")
+    if "respawn" not in a.skip_set:
+        for name in RESPAWN_SERVERS:
+            if name not in a.server_list:
+                continue
+            spec = _servers.BY_NAME[name]
+            why = spec.missing(ctx, have)
+            if why:
+                res["respawn"][name] = {"skipped": why}
+                continue
+            say(f"respawn: {name}, {a.respawn_kills} SIGKILLs under load, "
+                f"{a.respawn_gap:g} s apart")
             try:
-                r = _scenarios.respawn(sup_fc, ctx, a.respawn_kills)
-                res["respawn"]["fc-rr"] = r
+                r = _scenarios.respawn(spec, ctx, a.respawn_kills, min_age=a.respawn_min_age,
+                                       gap=a.respawn_gap)
+                res["respawn"][name] = r
                 say("  " + (f"median {r['median_ms']:.1f} ms, failed {r['failed']}"
                             if r.get("available") else f"not available: {r.get('note')}"))
             except Exception as e:
-                res["respawn"]["fc-rr"] = {"error": str(e)[-600:]}
+                res["respawn"][name] = {"error": str(e)[-600:]}
                 say(f"  failed: {e}")
 
     if "rolling" not in a.skip_set:
-        for name in ("fc-rr", "gunicorn-uvicorn", "uvicorn"):
+        for name in ROLLING_SERVERS:
             spec = _servers.BY_NAME[name]
             if name not in a.server_list:
                 continue

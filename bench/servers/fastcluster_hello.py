@@ -3,7 +3,8 @@
 Node's pattern: the primary forks $WORKERS workers and runs the cluster; each
 worker serves _hello.Hello (the raw asyncio protocol of the SO_REUSEPORT
 anchor, uvloop when installed) on 127.0.0.1:$PORT through
-fastcluster.aio.create_server. $POLICY picks rr, least, shared or reuseport.
+fastcluster.aio.create_server. $POLICY picks rr, least, shared, reuseport or
+steer; $STEER_MODE (auto, ebpf, cbpf, plain) forces steer's program.
 
     PORT=8000 WORKERS=2 POLICY=rr python bench/servers/fastcluster_hello.py
 """
@@ -51,8 +52,9 @@ def worker_main() -> None:
 
 if cluster.is_primary:
     # respawn: replace a worker that dies (the harness's respawn scenario kills some)
+    extra = {"steer_mode": os.environ["STEER_MODE"]} if os.environ.get("STEER_MODE") else {}
     cluster.setup_primary(policy=POLICY, respawn=True,
-                          start_method=os.environ.get("FC_START_METHOD", "fork"))
+                          start_method=os.environ.get("FC_START_METHOD", "fork"), **extra)
     for _ in range(WORKERS):
         cluster.fork()
     cluster.run()
