@@ -1,7 +1,8 @@
 """Apps the CLI tests serve (imported by the workers of `fastcluster run`).
 
-A raw ASGI app (no framework) that records its lifespan events in the file
-named by $CLI_TEST_EVENTS, a plain WSGI app, and an ASGI app whose lifespan
+A raw ASGI app (no framework) that records its lifespan events (and how
+its WebSockets ended) in the file named by $CLI_TEST_EVENTS, echoes on a
+WebSocket, a plain WSGI app, and an ASGI app whose lifespan
 startup fails. Each response names the worker's pid.
 """
 
@@ -31,6 +32,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 _record("shutdown")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await _echo_websocket(receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":
@@ -40,6 +44,18 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"text/plain"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _echo_websocket(receive: Any, send: Any) -> None:
+    """Echoes text messages; records how the WebSocket ended."""
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            _record(f"ws-disconnect-{message.get('code')}")
+            return
+        await send({"type": "websocket.send", "text": f"{os.getpid()} {message.get('text')}"})
 
 
 def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:

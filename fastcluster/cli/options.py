@@ -24,6 +24,7 @@ from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
 
 ENV_PREFIX = "FASTCLUSTER_"
 POLICIES = ("rr", "least", "shared", "reuseport")
+WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")  # uvicorn's --ws
 
 
 class OptionError(ValueError):
@@ -205,6 +206,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("lifespan", _choice("auto", "on", "off"), "auto",
            "ASGI: lifespan events in each worker (auto: if the app supports them)",
            "auto|on|off"),
+    # -- WebSockets (ASGI), as uvicorn spells them --
+    Option("ws", _choice(*WS_CHOICES), "auto",
+           "ASGI: WebSocket implementation (auto: websockets when installed, else wsproto; "
+           "none: no WebSockets)", "|".join(WS_CHOICES)),
+    Option("ws_max_size", _int_range(1, 1 << 40), 16 * 1024 * 1024,
+           "ASGI: largest WebSocket message accepted, in bytes", "BYTES"),
+    Option("ws_max_queue", _int_range(1, 1 << 20), 32,
+           "ASGI: WebSocket messages queued for the app before reading pauses", "N"),
+    Option("ws_ping_interval", _delay, 20.0,
+           "ASGI: seconds between WebSocket pings; 0: no pings", "S"),
+    Option("ws_ping_timeout", _delay, 20.0,
+           "ASGI: seconds a WebSocket ping waits for its pong before the connection is "
+           "closed; 0: wait forever", "S"),
+    Option("ws_per_message_deflate", _bool, True,
+           "ASGI: offer WebSocket per-message compression", "BOOL"),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
            "ASGI: seconds an idle keep-alive connection stays open", "S"),
     Option("root_path", _text, "", "ASGI: the root_path in each request's scope (the "

@@ -36,11 +36,13 @@ import fastcluster as cluster
 from .. import _role, asgi, wsgi
 from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
-from .options import parse_bind
+from .options import BY_NAME, parse_bind
 
 log = logging.getLogger("fastcluster")
 
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+WS_SETTINGS = ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
+               "ws_per_message_deflate")
 
 
 @dataclasses.dataclass
@@ -75,13 +77,30 @@ def worker_main() -> None:
                           lifespan=s["lifespan"], access_log=s["access_log"],
                           timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"],
                           ssl=plan.ssl, root_path=s["root_path"],
-                          forwarded_allow_ips=s["forwarded_allow_ips"] or None)
+                          forwarded_allow_ips=s["forwarded_allow_ips"] or None,
+                          **_ws_options(s))
     else:
         code = wsgi.serve(app, plan.address, threads=s["threads"],
                           client_timeout=s["client_timeout"], access_log=s["access_log"],
                           backlog=s["backlog"])
     if code:
         raise SystemExit(code)
+
+
+def _ws_options(s: dict[str, Any]) -> dict[str, Any]:
+    """The --ws* settings as uvicorn.Config takes them (a ping setting of 0: None, off)."""
+    out = {name: s[name] for name in WS_SETTINGS}
+    for name in ("ws_ping_interval", "ws_ping_timeout"):
+        out[name] = out[name] or None
+    return out
+
+
+def _ws_for_wsgi(settings: dict[str, Any], ref: str) -> str | None:
+    given = [BY_NAME[n].flag for n in WS_SETTINGS if settings[n] != BY_NAME[n].default]
+    if not given:
+        return None
+    return (f"{', '.join(given)}: WebSocket settings apply to ASGI apps only, and {ref} is "
+            f"a WSGI app (WSGI has no WebSockets)")
 
 
 def configure_logging(level: str, access_log: bool) -> None:
@@ -204,9 +223,11 @@ def run(settings: dict[str, Any]) -> int:
         else:
             interface = check_in_child(ref, settings["factory"], settings["interface"])
         if interface == "asgi":
-            asgi.require_uvicorn(settings["http"], settings["loop"])
+            asgi.require_uvicorn(settings["http"], settings["loop"], settings["ws"])
     except (AppError, asgi.MissingDependency) as e:
         return _fail(str(e))
+    if interface == "wsgi" and (problem := _ws_for_wsgi(settings, ref)) is not None:
+        return _fail(problem)
     problem = _check_bind(address)
     if problem is not None:
         return _fail(problem)
