@@ -76,3 +76,24 @@ async def failing_startup(scope: dict[str, Any], receive: Any, send: Any) -> Non
 def make_wsgi_app() -> Any:
     """An app factory (`--factory`): called once in each worker."""
     return wsgi_app
+
+
+def wsgi_probe(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Reports what the app was given (as JSON); /hop sets hop-by-hop headers."""
+    import json
+
+    body = environ["wsgi.input"].read()
+    headers = [("Content-Type", "application/json"), ("X-App", "probe")]
+    if environ["PATH_INFO"] == "/hop":  # the server's to set (PEP 3333), not the app's
+        headers += [("Keep-Alive", "timeout=99"), ("Upgrade", "h2c")]
+    secret = os.environ.get("CLI_TEST_SECRET", "")
+    out = json.dumps({
+        "pid": os.getpid(), "method": environ["REQUEST_METHOD"],
+        "script_name": environ["SCRIPT_NAME"], "path_info": environ["PATH_INFO"],
+        "scheme": environ["wsgi.url_scheme"], "remote_addr": environ.get("REMOTE_ADDR"),
+        "protocol": environ["SERVER_PROTOCOL"], "body": body.decode("latin1"),
+        "secret_seen": bool(secret) and any(secret in str(v) for v in environ.values())
+        or "CLI_TEST_SECRET" in environ,
+    }).encode()
+    start_response("200 OK", [*headers, ("Content-Length", str(len(out)))])
+    return [out]

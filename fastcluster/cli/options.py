@@ -199,10 +199,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("app_dir", _text, ".", "directory put first on sys.path to import the app",
            "DIR"),
     Option("http", _choice("auto", "httptools", "h11"), "auto",
-           "ASGI: uvicorn's HTTP protocol (auto: httptools when installed, else h11)",
+           "uvicorn's HTTP protocol (auto: httptools when installed, else h11)",
            "auto|httptools|h11"),
     Option("loop", _choice("auto", "asyncio", "uvloop"), "auto",
-           "ASGI: event loop (auto: uvloop when installed)", "auto|asyncio|uvloop"),
+           "event loop (auto: uvloop when installed)", "auto|asyncio|uvloop"),
     Option("lifespan", _choice("auto", "on", "off"), "auto",
            "ASGI: lifespan events in each worker (auto: if the app supports them)",
            "auto|on|off"),
@@ -222,18 +222,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws_per_message_deflate", _bool, True,
            "ASGI: offer WebSocket per-message compression", "BOOL"),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
-           "ASGI: seconds an idle keep-alive connection stays open", "S"),
-    Option("root_path", _text, "", "ASGI: the root_path in each request's scope (the "
-           "app is mounted below this URL prefix by a proxy)", "PATH"),
+           "seconds an idle keep-alive connection stays open", "S"),
+    Option("root_path", _text, "", "the root_path in each request's scope, SCRIPT_NAME for "
+           "WSGI (the app is mounted below this URL prefix by a proxy)", "PATH"),
     Option("forwarded_allow_ips", _text, "",
-           "ASGI: comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
+           "comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
            "(default, as uvicorn: $FORWARDED_ALLOW_IPS, else 127.0.0.1)", "IPS"),
-    Option("ssl_certfile", _text, "", "ASGI: serve TLS with this certificate (PEM)", "FILE"),
-    Option("ssl_keyfile", _text, "", "ASGI: the certificate's private key (PEM; default: "
+    Option("ssl_certfile", _text, "", "serve TLS with this certificate (PEM)", "FILE"),
+    Option("ssl_keyfile", _text, "", "the certificate's private key (PEM; default: "
            "in the certificate file)", "FILE"),
     Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N"),
     Option("client_timeout", _seconds, 30.0,
-           "WSGI: seconds a thread waits for a client to send its request", "S"),
+           "WSGI: seconds a thread reading the request body waits for the client to send "
+           "more", "S"),
     Option("graceful_timeout", _seconds, 30.0,
            "seconds a stopping worker gets to finish its requests before SIGKILL", "S"),
     Option("timeout", _hang_timeout, 30.0,
