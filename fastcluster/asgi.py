@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -149,9 +150,9 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
         ws_class = config.ws_protocol_class = _upgraded(ws_class)
     loop = asyncio.get_running_loop()
 
-    def factory() -> asyncio.BaseProtocol:
-        return protocol_class(config=config, server_state=state,  # type: ignore[no-any-return]
-                              app_state=life.state, _loop=loop)
+    # a partial, as uvicorn's own server: no Python frame of ours per connection
+    factory = functools.partial(protocol_class, config=config, server_state=state,
+                                app_state=life.state, _loop=loop)
 
     ticker = _Ticker(config, state)
     headers = loop.create_task(ticker.run())

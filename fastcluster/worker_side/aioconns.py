@@ -6,6 +6,7 @@ connection whose end is reported exactly once. aio.py's Server uses them.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import logging
 import socket
@@ -176,6 +177,20 @@ class BufferedProxy(Proxy, asyncio.BufferedProtocol):
         self._inner.buffer_updated(nbytes)
 
 
+
+
+class AcceptedSocket(socket.socket):
+    """A dispatched connection's socket, whose family and type are plain ints.
+
+    The event loop reads sock.type and sock.family (twice under uvloop) in
+    connect_accepted_socket(), and socket.socket's properties turn each into
+    an IntEnum: about 15 times the cost of the C attribute (measured with
+    timeit: 4.8 µs against 0.3 for the three reads), on every connection,
+    where a server accepting natively makes no Python socket at all."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
 
 
 class Conn:
