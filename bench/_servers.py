@@ -73,6 +73,14 @@ class Spec:
         if self.name == "gunicorn-sync":
             return [py, "-m", "gunicorn", "-w", n, "-b", f"127.0.0.1:{port}", "--pythonpath",
                     a, "--log-level", "warning", "wsgi_app:app"]
+        if self.name == "gunicorn-gthread":
+            return [py, "-m", "gunicorn", "-w", n, "-k", "gthread", "--threads", "8", "-b",
+                    f"127.0.0.1:{port}", "--pythonpath", a, "--log-level", "warning",
+                    "wsgi_app:app"]
+        if self.name == "fc-cli-wsgi":  # the CLI on the anchors' WSGI app, 8 threads
+            return [py, "-m", "fastcluster", "run", "wsgi_app:app", "--workers", n,
+                    "--bind", f"127.0.0.1:{port}", "--app-dir", a, "--status-socket", "off",
+                    "--log-level", "warning", "--threads", "8"]
         if self.name.startswith("fc-cli"):  # the CLI on the anchors' ASGI app
             return [py, "-m", "fastcluster", "run", "asgi_app:app", "--workers", n,
                     "--bind", f"127.0.0.1:{port}", "--app-dir", a, "--status-socket", "off",
@@ -109,6 +117,12 @@ SPECS = [
          primary="idle", needs=("anchors", "gunicorn", "uvicorn"), supervised=True),
     Spec("gunicorn-sync", "gunicorn sync", "gunicorn -w N wsgi_app:app", counted=False,
          primary="idle", needs=("anchors", "gunicorn"), supervised=True),
+    Spec("gunicorn-gthread", "gunicorn gthread", "gunicorn -w N -k gthread --threads 8 "
+         "wsgi_app:app", counted=False, primary="idle", needs=("anchors", "gunicorn"),
+         supervised=True),
+    Spec("fc-cli-wsgi", "fastcluster run (WSGI)", "python -m fastcluster run wsgi_app:app "
+         "--threads 8 (uvicorn's protocol + a2wsgi, policy rr)", counted=False,
+         primary="accepts", needs=("api", "anchors", "uvicorn", "a2wsgi"), supervised=True),
     *(Spec(f"fc-{p}", f"fastcluster {p}",
            f"bench/servers/fastcluster_hello.py, policy={p}, public API, {ASYNC}",
            counted=True, primary="accepts" if p in ("rr", "least") else "idle",
