@@ -61,12 +61,13 @@ def events(path: Path) -> list[list[str]]:
     return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("ws_impl", ["websockets-sansio", "websockets"])
+@pytest.mark.parametrize(("ws_impl", "http"), [("websockets-sansio", "httptools"),
+                                               ("websockets", "h11")])
 @pytest.mark.parametrize("policy", ["rr", "least"])
 def test_a_closed_websocket_is_no_longer_counted_open(fastcluster_server: Any, policy: str,
-                                                      ws_impl: str) -> None:
+                                                      ws_impl: str, http: str) -> None:
     server = fastcluster_server("cli_apps:asgi_app", workers=1, policy=policy,
-                                args=("--ws", ws_impl))
+                                args=("--ws", ws_impl, "--http", http))
     with ws_connect(server) as ws:
         echo(ws)
         assert totals(server.status(), "open") == 1
