@@ -9,7 +9,10 @@ graceful_timeout. Also the --ws* flags.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +138,34 @@ def test_rolling_restart_and_recycling_send_1012_and_old_worker_exits(
     assert f"(pid {old}) exited with status 0 (asked)" in text, text
     with ws_connect(server) as ws:  # the replacement serves WebSockets
         assert echo(ws) != old
+    assert server.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed "
+                    "(apt-get install -y openssl)")
+def test_websocket_over_tls_is_counted_and_closed_with_1012(fastcluster_server: Any,
+                                                            tmp_path: Path) -> None:
+    # the TLS transport is the one uvicorn's upgrade hands over (get_protocol)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    server = fastcluster_server("cli_apps:asgi_app", workers=1,
+                                args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                                      "--graceful-timeout", GRACE))
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    url = f"wss://{server.host}:{server.port}/ws"
+    with connect(url, ssl=ctx, open_timeout=5, close_timeout=2) as ws:
+        echo(ws)
+        assert totals(server.status(), "open") == 1
+    assert wait_until(lambda: totals(server.status(), "open") == 0), server.status()
+    with connect(url, ssl=ctx, open_timeout=5, close_timeout=2) as ws:
+        echo(ws)
+        t0 = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert close_code(ws) == 1012
+    assert server.process.wait(10) == 0 and time.monotonic() - t0 < 5
     assert server.stop() == 0
 
 
