@@ -17,7 +17,7 @@ SERVERS = REPO / "bench" / "servers"
 # import name -> PyPI name: the Python anchors (httptools is uvicorn's fast parser,
 # as `uvicorn[standard]` would install it), uvloop for every asyncio worker, the plot
 PY_PACKAGES = {"uvicorn": "uvicorn", "httptools": "httptools", "gunicorn": "gunicorn",
-               "uvloop": "uvloop", "matplotlib": "matplotlib"}
+               "uvloop": "uvloop", "matplotlib": "matplotlib", "a2wsgi": "a2wsgi"}
 
 
 def say(msg: str) -> None:

@@ -97,7 +97,7 @@ class Spec:
 
 
 ASYNC = "raw asyncio protocol"
-WSGI_THREADS = 4  # threads per WSGI worker, the same for gunicorn gthread and fastcluster run
+WSGI_THREADS = 8  # threads per WSGI worker, the same for gunicorn gthread and fastcluster run
 FC_POLICIES = ("rr", "least", "shared", "reuseport", "steer")
 CLI_POLICIES = ("rr", "least", "shared", "steer")
 SPECS = [
@@ -139,7 +139,7 @@ SPECS = [
       for p in CLI_POLICIES),
     Spec("fc-cli-wsgi", "fastcluster run WSGI (steer)",
          f"python -m fastcluster run wsgi_app:app --policy steer --threads {WSGI_THREADS}",
-         counted=False, primary="idle", needs=("api", "anchors", "uvicorn"),
+         counted=False, primary="idle", needs=("api", "anchors", "uvicorn", "a2wsgi"),
          env={"POLICY": "steer", "APP": "wsgi_app:app"}, supervised=True),
     *(Spec(f"core-{p}", f"fastcluster core {p}",
            f"bench/servers/core_hello.py: primary on fastcluster._core alone, policy={p}, "

@@ -39,10 +39,10 @@ from typing import Any
 from . import _role
 from .wire.listener import Listener, SocketListener
 from .worker_side import heart as _heartbeat
-from .worker_side.aioconns import Conn, Counting, track
+from .worker_side.aioconns import AcceptedSocket, Conn, Counting, connection_ended, track
 from .worker_side.listener import IntakeListener
 
-__all__ = ["Server", "create_server", "start_server"]
+__all__ = ["Server", "connection_ended", "create_server", "start_server"]
 
 log = logging.getLogger("fastcluster")
 
@@ -191,7 +191,7 @@ class Server:
         for fd in fds:
             conn = Conn(self, listener)
             try:
-                sock = socket.socket(family, _STREAM_NONBLOCK, 0, fd)
+                sock = AcceptedSocket(family, _STREAM_NONBLOCK, 0, fd)
             except BaseException:
                 os.close(fd)
                 conn.lost()

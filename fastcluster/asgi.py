@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -55,10 +56,14 @@ class MissingDependency(ImportError):
     """uvicorn (or a chosen part of it) is not installed; says what to install."""
 
 
-def require_uvicorn(http: str = "auto", loop: str = "auto") -> None:
+# --ws NAME -> the module its uvicorn implementation needs
+WS_NEEDS = {"websockets": "websockets", "websockets-sansio": "websockets", "wsproto": "wsproto"}
+
+
+def require_uvicorn(http: str = "auto", loop: str = "auto", ws: str = "auto") -> None:
     """Raises MissingDependency naming what to install if ASGI cannot be served."""
     try:
-        import uvicorn  # noqa: F401
+        import uvicorn
         from uvicorn.lifespan.on import LifespanOn  # noqa: F401
     except ImportError as e:
         raise MissingDependency(f"serving an ASGI app needs uvicorn ({e}); install it with: "
@@ -70,6 +75,15 @@ def require_uvicorn(http: str = "auto", loop: str = "auto") -> None:
         if name in ("httptools", "h11", "uvloop") and not _installed(name):
             raise MissingDependency(f"--{flag} {name}: {name} is not installed; install it "
                                     f"with: pip install {name}")
+    from uvicorn.config import WS_PROTOCOLS
+    if ws not in WS_PROTOCOLS:
+        raise MissingDependency(f"--ws {ws}: the installed uvicorn ({uvicorn.__version__}) "
+                                f"has no such WebSocket implementation; it has: "
+                                + ", ".join(WS_PROTOCOLS))
+    needs = WS_NEEDS.get(ws)
+    if needs is not None and not _installed(needs):
+        raise MissingDependency(f"--ws {ws}: {needs} is not installed; install it with: "
+                                f"pip install {needs}")
 
 
 def _installed(module: str) -> bool:
@@ -131,11 +145,14 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
         return BOOT_ERROR
     state = ServerState()
     protocol_class: Any = config.http_protocol_class
+    ws_class: Any = config.ws_protocol_class
+    if ws_class is not None:  # read by each HTTP protocol as it is made
+        ws_class = config.ws_protocol_class = _upgraded(ws_class)
     loop = asyncio.get_running_loop()
 
-    def factory() -> asyncio.BaseProtocol:
-        return protocol_class(config=config, server_state=state,  # type: ignore[no-any-return]
-                              app_state=life.state, _loop=loop)
+    # a partial, as uvicorn's own server: no Python frame of ours per connection
+    factory = functools.partial(protocol_class, config=config, server_state=state,
+                                app_state=life.state, _loop=loop)
 
     ticker = _Ticker(config, state)
     headers = loop.create_task(ticker.run())
@@ -146,7 +163,7 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
         log.error("fastcluster: worker pid %s cannot listen on %r: %s", os.getpid(), address, e)
         await life.shutdown()
         return BOOT_ERROR
-    drain = _Drain(loop, state)
+    drain = _Drain(loop, state, ws_class)
     rt = _role.runtime
     if rt is not None:
         rt.add_server(drain)
@@ -194,13 +211,57 @@ class _Ticker:
             await asyncio.sleep(TICK)
 
 
+def _upgraded(ws_class: Any) -> Any:
+    """uvicorn's WebSocket protocol class, made to end the connection it took over.
+
+    On an upgrade uvicorn's HTTP protocol makes a WebSocket protocol, calls
+    its connection_made(transport) and transport.set_protocol() to it: from
+    then on the transport calls the WebSocket protocol's connection_lost(),
+    never the HTTP one's, which the aio server counted. So the WebSocket
+    protocol reports that connection's end (aio.connection_ended), and the
+    worker's open count goes back down when the socket closes."""
+
+    class Upgraded(ws_class):  # type: ignore[misc]
+        _fc_http: Any = None
+        _fc_shut = False
+
+        def connection_made(self, transport: Any) -> None:
+            self._fc_http = transport.get_protocol()  # the HTTP one: set_protocol() follows
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                http, self._fc_http = self._fc_http, None
+                if http is not None and http is not self:
+                    aio.connection_ended(http)
+
+        def shutdown(self) -> None:
+            """uvicorn's: close code 1012 (service restart); once, however
+            many drain ticks see this connection."""
+            if not self._fc_shut:
+                self._fc_shut = True
+                super().shutdown()
+
+    Upgraded.__name__, Upgraded.__qualname__ = ws_class.__name__, ws_class.__qualname__
+    Upgraded.__module__ = ws_class.__module__
+    return Upgraded
+
+
 class _Drain:
     """Sits beside the aio server in the worker runtime: a graceful
-    disconnect calls _stop_intake() (on the loop), then _finish()."""
+    disconnect calls _stop_intake() (on the loop), then _finish().
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, state: Any) -> None:
+    Each tick it shuts down what is open: an HTTP connection once it has had
+    a request (idle: closed; busy: no keep-alive after this response), a
+    WebSocket at once (close code 1012, as uvicorn's own shutdown), so no
+    connection keeps the worker past the drain."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: Any, ws_class: Any) -> None:
         self._loop = loop
         self._state = state
+        self._ws_class = ws_class
         self._task: asyncio.Task[None] | None = None
 
     def _stop_intake(self) -> None:
@@ -209,12 +270,15 @@ class _Drain:
 
     async def _run(self) -> None:
         while True:
+            ws_class = self._ws_class
             for conn in list(self._state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is None or transport.is_closing():
+                    continue
                 # a connection that has had no request yet may be a queued one
                 # whose request is on its way: it is served first
-                transport = getattr(conn, "transport", None)
-                if getattr(conn, "cycle", None) is None or transport is None \
-                        or transport.is_closing():
+                if getattr(conn, "cycle", None) is None and not (
+                        ws_class is not None and isinstance(conn, ws_class)):
                     continue
                 try:
                     conn.shutdown()  # idle: close; busy: no keep-alive after this response

@@ -1,158 +1,141 @@
-"""Serving a WSGI app in a worker: the standard library's wsgiref over a thread pool.
+"""Serving a WSGI app in a worker: uvicorn's HTTP/1.1 protocols, with a2wsgi
+running the app on a bounded thread pool.
 
     # in a worker (what `fastcluster run module:app` does for a WSGI app)
     fastcluster.wsgi.serve(app, ("127.0.0.1", 8000), threads=8)
 
-Why wsgiref: it is CPython's reference implementation of PEP 3333 (header
-and status checks, start_response/exc_info, write(), wsgi.file_wrapper),
-maintained with CPython and parsing requests with http.server; it needs no
-dependency and is a socketserver server, which fastcluster already feeds
-under all four policies (cluster.listen_server). Its limit: one request per
-connection (the response closes it), as gunicorn's sync worker, which turns
-keep-alive off for the same reason: a thread held by an idle keep-alive
-client serves nobody.
+Why this stack: the standard library's wsgiref (served here before) is a
+reference implementation, not a server: it lost chunked request bodies,
+never answered `Expect: 100-continue`, sent bodies to HEAD, copied the
+worker's os.environ into every request, answered a hop-by-hop header with a
+500 and spoke HTTP/1.0 without keep-alive. The ASGI path already serves
+HTTP/1.1 with uvicorn's protocols (httptools or h11: keep-alive,
+pipelining, chunked bodies, 100-continue, HEAD, proxy headers, root_path),
+so a WSGI app is served there too, through a2wsgi's WSGIMiddleware: a
+maintained WSGI-to-ASGI adapter (the one uvicorn's docs point to in place of
+its own deprecated WSGIMiddleware) that runs each request's app call on a
+ThreadPoolExecutor of `threads` threads and streams the response back to
+the loop. One stack for both interfaces: the same counting, drain, TLS and
+hang detection (the loop beats while app threads are busy).
 
-Theory of operation: the server's main thread takes connections
-(serve_forever on the cluster Listener) and runs each on a bounded pool of
-`threads` threads. When every thread is busy it stops taking connections
-(a semaphore), so under rr/least new connections stay with the primary,
-which gives them to other workers (the window of fds in flight), and under
-shared/reuseport they stay in the kernel's backlog. A client gets
-`client_timeout` seconds to send its request. Graceful disconnect is the
-worker runtime's: no new connections, finish the open ones, then exit.
-Requests are counted in the worker's shared-memory slot (`fastcluster status`).
+What is ours, in _Guard around the app: hop-by-hop response headers are
+dropped (logged once per name; `Connection: close` is kept, and uvicorn
+then closes after the response, as gunicorn does), wsgi.errors is stderr,
+and a thread that reads the request body waits at most client_timeout for
+the client to send more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import importlib
 import logging
-import os
-import socket
-import threading
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
-import fastcluster as cluster
+from . import asgi
 
-from .worker_side.current import request_counter as worker_request_counter
+__all__ = ["require_a2wsgi", "serve"]
 
-BOOT_ERROR = 3  # exit status of a worker that could not start serving
-SLOT_WAIT = 0.25  # seconds between heartbeats while every thread is busy
+log = logging.getLogger("fastcluster.wsgi")
 
-__all__ = ["PoolWSGIServer", "RequestHandler", "serve"]
-
-access_log = logging.getLogger("fastcluster.access")
-error_log = logging.getLogger("fastcluster.wsgi")
-
-
-class RequestHandler(WSGIRequestHandler):
-    """wsgiref's handler, with logging through `logging` and requests counted."""
-
-    server: PoolWSGIServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.client_timeout)
-
-    def handle(self) -> None:
-        # WSGIRequestHandler.handle, but the environ says wsgi.multithread
-        self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline:
-            return
-        if len(self.raw_requestline) > 65536:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(414)
-            return
-        if not self.parse_request():
-            return
-        handler = ServerHandler(self.rfile, self.wfile,  # type: ignore[arg-type]
-                                self.get_stderr(),
-                                self.get_environ(), multithread=True)
-        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
-        try:
-            handler.run(self.server.get_app())  # type: ignore[arg-type]
-        finally:
-            self.server.count_request(1)
-
-    def address_string(self) -> str:
-        return str(self.client_address[0])
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if self.server.access_log:
-            access_log.info('%s - "%s" %s %s', self.address_string(), self.requestline,
-                            code, size)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        error_log.warning("%s - %s", self.address_string(), format % args)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        error_log.debug("%s - %s", self.address_string(), format % args)
+INSTALL_HINT = "pip install 'fastcluster-server[wsgi]'"
+# RFC 9110 7.6.1 and PEP 3333's list (wsgiref.util.is_hop_by_hop)
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate",
+                        "proxy-authorization", "proxy-connection", "te", "trailer",
+                        "trailers", "transfer-encoding", "upgrade"))
 
 
-class PoolWSGIServer(WSGIServer):
-    """WSGIServer whose requests run on a bounded thread pool."""
-
-    def __init__(self, address: Any, threads: int = 8, client_timeout: float = 30.0,
-                 access_log: bool = False) -> None:
-        super().__init__(address, RequestHandler, bind_and_activate=False)
-        self.threads = threads
-        self.client_timeout = client_timeout
-        self.access_log = access_log
-        self.count_request = worker_request_counter()
-        self._slots = threading.BoundedSemaphore(threads)
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads,
-                                                           thread_name_prefix="wsgi")
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not isinstance(client_address, tuple):  # a Unix socket's peer has no address
-            client_address = ("", 0)
-        # every thread busy: take no connection now; this thread is not stuck,
-        # though (its heartbeat goes on: service_actions; see worker_side/heart.py)
-        while not self._slots.acquire(timeout=SLOT_WAIT):
-            self.service_actions()
-        try:
-            self._pool.submit(self._work, request, client_address)
-        except BaseException:
-            self._slots.release()
-            self.shutdown_request(request)
-            raise
-
-    def _work(self, request: socket.socket, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        error_log.exception("fastcluster: error while serving %r", client_address)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=False)
+def require_a2wsgi() -> None:
+    """Raises asgi.MissingDependency naming what to install if WSGI cannot be served."""
+    try:
+        importlib.import_module("a2wsgi")
+    except ImportError as e:
+        raise asgi.MissingDependency(f"serving a WSGI app needs a2wsgi ({e}); install it "
+                                     f"with: {INSTALL_HINT}") from None
+    asgi.require_uvicorn()
 
 
 def serve(app: Any, address: Any, *, threads: int = 8, client_timeout: float = 30.0,
-          access_log: bool = False, backlog: int | None = None) -> int:
-    """Serves a WSGI app on a cluster address until the worker is
-    disconnected (the worker runtime then ends this thread with SystemExit)."""
-    server = PoolWSGIServer(address, threads, client_timeout, access_log)
-    server.set_app(app)
+          access_log: bool = False, backlog: int | None = None,
+          **asgi_options: Any) -> int:
+    """Serves a WSGI app on a cluster address until the worker is disconnected;
+    returns 0, or asgi.BOOT_ERROR if the address could not be listened on.
+    asgi_options go to fastcluster.asgi.serve (http, loop, ssl, root_path,
+    forwarded_allow_ips, timeout_keep_alive, ...)."""
+    from a2wsgi import WSGIMiddleware
+
+    guard: Any = _Guard(app, client_timeout)
+    middleware = WSGIMiddleware(guard, workers=threads)
     try:
-        cluster.listen_server(server, backlog)
-    except OSError as e:
-        server.server_close()
-        error_log.error("fastcluster: worker pid %d cannot listen on %r: %s", os.getpid(),
-                        address, e)
-        return BOOT_ERROR
-    if isinstance(server.server_address, str):  # Unix socket: what server_bind would set
-        server.server_name, server.server_port = "localhost", 0
-    server.setup_environ()
-    try:
-        server.serve_forever(poll_interval=0.5)
+        return asgi.serve(middleware, address, interface="asgi3", lifespan="off",
+                          ws="none", access_log=access_log, backlog=backlog, **asgi_options)
     finally:
-        server.server_close()
-    return 0
+        middleware.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Guard:
+    """The WSGI app as a2wsgi calls it, with fastcluster's fixes around it."""
+
+    def __init__(self, app: Any, client_timeout: float) -> None:
+        from a2wsgi.wsgi import Body
+
+        self.app = app
+        self.logged: set[str] = set()
+        self.body_class = Body
+        self.timed_body_class = _timed_body(Body, client_timeout)
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.errors"] = sys.stderr  # (a2wsgi: stdout)
+        body = environ.get("wsgi.input")
+        if type(body) is self.body_class:  # same layout: only its reads change
+            body.__class__ = self.timed_body_class
+
+        def guarded_start_response(status: str, headers: list[tuple[str, str]],
+                                   exc_info: Any = None) -> Any:
+            if any(name.lower() in HOP_BY_HOP for name, _ in headers):
+                headers = self._without_hop_by_hop(headers)
+            return start_response(status, headers, exc_info)
+
+        result: Iterable[bytes] = self.app(environ, guarded_start_response)
+        return result
+
+    def _without_hop_by_hop(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        kept = []
+        for name, value in headers:
+            low = name.lower()
+            if low not in HOP_BY_HOP or (low == "connection"
+                                         and value.strip().lower() == "close"):
+                kept.append((name, value))
+            elif low not in self.logged:
+                self.logged.add(low)
+                log.warning("fastcluster: the WSGI app set the hop-by-hop header %r (the "
+                            "server's to set, PEP 3333); dropped (logged once)",
+                            f"{name}: {value}")
+        return kept
+
+
+def _timed_body(body_class: Any, timeout: float) -> Any:
+    class TimedBody(body_class):  # type: ignore[misc]
+        """a2wsgi's request body, whose reads wait at most `timeout` for the client
+        (a2wsgi's own wait forever, holding a thread of the pool)."""
+
+        _has_more: bool
+
+        def _receive_more_data(self) -> bytes:
+            if not self._has_more:
+                return b""
+            future = asyncio.run_coroutine_threadsafe(self.receive(), loop=self.loop)
+            try:
+                message = future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise TimeoutError(f"the client sent no more of the request body for "
+                                   f"{timeout} s (--client-timeout)") from None
+            self._has_more = message.get("more_body", False)
+            return message.get("body", b"")  # type: ignore[no-any-return]
+
+    return TimedBody

@@ -1,7 +1,8 @@
 """Apps the CLI tests serve (imported by the workers of `fastcluster run`).
 
-A raw ASGI app (no framework) that records its lifespan events in the file
-named by $CLI_TEST_EVENTS, a plain WSGI app, and an ASGI app whose lifespan
+A raw ASGI app (no framework) that records its lifespan events (and how
+its WebSockets ended) in the file named by $CLI_TEST_EVENTS, echoes on a
+WebSocket, a plain WSGI app, and an ASGI app whose lifespan
 startup fails. Each response names the worker's pid.
 """
 
@@ -31,6 +32,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 _record("shutdown")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await _echo_websocket(receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":
@@ -40,6 +44,18 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"text/plain"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _echo_websocket(receive: Any, send: Any) -> None:
+    """Echoes text messages; records how the WebSocket ended."""
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            _record(f"ws-disconnect-{message.get('code')}")
+            return
+        await send({"type": "websocket.send", "text": f"{os.getpid()} {message.get('text')}"})
 
 
 def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -60,3 +76,24 @@ async def failing_startup(scope: dict[str, Any], receive: Any, send: Any) -> Non
 def make_wsgi_app() -> Any:
     """An app factory (`--factory`): called once in each worker."""
     return wsgi_app
+
+
+def wsgi_probe(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Reports what the app was given (as JSON); /hop sets hop-by-hop headers."""
+    import json
+
+    body = environ["wsgi.input"].read()
+    headers = [("Content-Type", "application/json"), ("X-App", "probe")]
+    if environ["PATH_INFO"] == "/hop":  # the server's to set (PEP 3333), not the app's
+        headers += [("Keep-Alive", "timeout=99"), ("Upgrade", "h2c")]
+    secret = os.environ.get("CLI_TEST_SECRET", "")
+    out = json.dumps({
+        "pid": os.getpid(), "method": environ["REQUEST_METHOD"],
+        "script_name": environ["SCRIPT_NAME"], "path_info": environ["PATH_INFO"],
+        "scheme": environ["wsgi.url_scheme"], "remote_addr": environ.get("REMOTE_ADDR"),
+        "protocol": environ["SERVER_PROTOCOL"], "body": body.decode("latin1"),
+        "secret_seen": (bool(secret) and any(secret in str(v) for v in environ.values()))
+        or "CLI_TEST_SECRET" in environ,
+    }).encode()
+    start_response("200 OK", [*headers, ("Content-Length", str(len(out)))])
+    return [out]

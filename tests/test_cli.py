@@ -359,29 +359,31 @@ def test_factory_preloaded_in_the_primary_and_asgi_access_log(fastcluster_server
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed "
                     "(apt-get install -y openssl)")
-def test_asgi_over_tls(fastcluster_server: Any, tmp_path: Path) -> None:
+def test_asgi_and_wsgi_over_tls(fastcluster_server: Any, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=30)
-    server = fastcluster_server("cli_apps:asgi_app", workers=2,
-                                args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)))
     ctx = ssl.create_default_context(cafile=str(cert))
     ctx.check_hostname = False
-    for i in range(4):
-        conn = http.client.HTTPSConnection(server.host, server.port, timeout=5, context=ctx)
-        try:
-            conn.request("GET", f"/tls{i}")
-            resp = conn.getresponse()
-            assert resp.status == 200 and resp.read().decode().endswith(f" /tls{i}\n")
-        finally:
-            conn.close()
-    assert server.stop() == 0
+    for app, kind in (("cli_apps:asgi_app", "asgi"), ("cli_apps:wsgi_app", "wsgi")):
+        server = fastcluster_server(app, workers=2, args=("--ssl-certfile", str(cert),
+                                                          "--ssl-keyfile", str(key)))
+        for i in range(4):
+            conn = http.client.HTTPSConnection(server.host, server.port, timeout=5,
+                                               context=ctx)
+            try:
+                conn.request("GET", f"/tls{i}")
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                assert resp.status == 200 and body.startswith(kind)
+                assert body.endswith(f" /tls{i}\n")
+            finally:
+                conn.close()
+        assert server.stop() == 0
     bad = cli("run", "cli_apps:asgi_app", "--bind", "127.0.0.1:0", "--ssl-certfile",
               str(tmp_path / "missing.pem"))
     assert bad.returncode == 1 and "cannot load the certificate" in bad.stderr
-    bad = cli("run", "cli_apps:wsgi_app", "--bind", "127.0.0.1:0", "--ssl-certfile", str(cert))
-    assert bad.returncode == 1 and "ASGI apps only" in bad.stderr
 
 
 def test_max_requests_recycles_workers_without_a_failed_request(fastcluster_server: Any

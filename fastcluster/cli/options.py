@@ -24,6 +24,7 @@ from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
 
 ENV_PREFIX = "FASTCLUSTER_"
 POLICIES = ("rr", "least", "shared", "reuseport")
+WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")  # uvicorn's --ws
 
 
 class OptionError(ValueError):
@@ -198,26 +199,42 @@ OPTIONS: tuple[Option, ...] = (
     Option("app_dir", _text, ".", "directory put first on sys.path to import the app",
            "DIR"),
     Option("http", _choice("auto", "httptools", "h11"), "auto",
-           "ASGI: uvicorn's HTTP protocol (auto: httptools when installed, else h11)",
+           "uvicorn's HTTP protocol (auto: httptools when installed, else h11)",
            "auto|httptools|h11"),
     Option("loop", _choice("auto", "asyncio", "uvloop"), "auto",
-           "ASGI: event loop (auto: uvloop when installed)", "auto|asyncio|uvloop"),
+           "event loop (auto: uvloop when installed)", "auto|asyncio|uvloop"),
     Option("lifespan", _choice("auto", "on", "off"), "auto",
            "ASGI: lifespan events in each worker (auto: if the app supports them)",
            "auto|on|off"),
+    # -- WebSockets (ASGI), as uvicorn spells them --
+    Option("ws", _choice(*WS_CHOICES), "auto",
+           "ASGI: WebSocket implementation (auto: websockets when installed, else wsproto; "
+           "none: no WebSockets)", "|".join(WS_CHOICES)),
+    Option("ws_max_size", _int_range(1, 1 << 40), 16 * 1024 * 1024,
+           "ASGI: largest WebSocket message accepted, in bytes", "BYTES"),
+    Option("ws_max_queue", _int_range(1, 1 << 20), 32,
+           "ASGI: WebSocket messages queued for the app before reading pauses", "N"),
+    Option("ws_ping_interval", _delay, 20.0,
+           "ASGI: seconds between WebSocket pings; 0: no pings", "S"),
+    Option("ws_ping_timeout", _delay, 20.0,
+           "ASGI: seconds a WebSocket ping waits for its pong before the connection is "
+           "closed; 0: wait forever", "S"),
+    Option("ws_per_message_deflate", _bool, True,
+           "ASGI: offer WebSocket per-message compression", "BOOL"),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
-           "ASGI: seconds an idle keep-alive connection stays open", "S"),
-    Option("root_path", _text, "", "ASGI: the root_path in each request's scope (the "
-           "app is mounted below this URL prefix by a proxy)", "PATH"),
+           "seconds an idle keep-alive connection stays open", "S"),
+    Option("root_path", _text, "", "the root_path in each request's scope, SCRIPT_NAME for "
+           "WSGI (the app is mounted below this URL prefix by a proxy)", "PATH"),
     Option("forwarded_allow_ips", _text, "",
-           "ASGI: comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
+           "comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
            "(default, as uvicorn: $FORWARDED_ALLOW_IPS, else 127.0.0.1)", "IPS"),
-    Option("ssl_certfile", _text, "", "ASGI: serve TLS with this certificate (PEM)", "FILE"),
-    Option("ssl_keyfile", _text, "", "ASGI: the certificate's private key (PEM; default: "
+    Option("ssl_certfile", _text, "", "serve TLS with this certificate (PEM)", "FILE"),
+    Option("ssl_keyfile", _text, "", "the certificate's private key (PEM; default: "
            "in the certificate file)", "FILE"),
     Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N"),
     Option("client_timeout", _seconds, 30.0,
-           "WSGI: seconds a thread waits for a client to send its request", "S"),
+           "WSGI: seconds a thread reading the request body waits for the client to send "
+           "more", "S"),
     Option("graceful_timeout", _seconds, 30.0,
            "seconds a stopping worker gets to finish its requests before SIGKILL", "S"),
     Option("timeout", _hang_timeout, 30.0,

@@ -36,11 +36,13 @@ import fastcluster as cluster
 from .. import _role, asgi, wsgi
 from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
-from .options import parse_bind
+from .options import BY_NAME, parse_bind
 
 log = logging.getLogger("fastcluster")
 
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+WS_SETTINGS = ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
+               "ws_per_message_deflate")
 
 
 @dataclasses.dataclass
@@ -70,18 +72,35 @@ def worker_main() -> None:
         except AppError as e:
             log.error("fastcluster: worker pid %d: %s", os.getpid(), e)
             raise SystemExit(BOOT_ERROR) from None
+    http = {"http": s["http"], "loop": s["loop"], "timeout_keep_alive": s["timeout_keep_alive"],
+            "ssl": plan.ssl, "root_path": s["root_path"],
+            "forwarded_allow_ips": s["forwarded_allow_ips"] or None}  # both interfaces
     if plan.interface == "asgi":
-        code = asgi.serve(app, plan.address, http=s["http"], loop=s["loop"],
-                          lifespan=s["lifespan"], access_log=s["access_log"],
-                          timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"],
-                          ssl=plan.ssl, root_path=s["root_path"],
-                          forwarded_allow_ips=s["forwarded_allow_ips"] or None)
+        code = asgi.serve(app, plan.address, lifespan=s["lifespan"],
+                          access_log=s["access_log"], backlog=s["backlog"], **http,
+                          **_ws_options(s))
     else:
         code = wsgi.serve(app, plan.address, threads=s["threads"],
                           client_timeout=s["client_timeout"], access_log=s["access_log"],
-                          backlog=s["backlog"])
+                          backlog=s["backlog"], **http)
     if code:
         raise SystemExit(code)
+
+
+def _ws_options(s: dict[str, Any]) -> dict[str, Any]:
+    """The --ws* settings as uvicorn.Config takes them (a ping setting of 0: None, off)."""
+    out = {name: s[name] for name in WS_SETTINGS}
+    for name in ("ws_ping_interval", "ws_ping_timeout"):
+        out[name] = out[name] or None
+    return out
+
+
+def _ws_for_wsgi(settings: dict[str, Any], ref: str) -> str | None:
+    given = [BY_NAME[n].flag for n in WS_SETTINGS if settings[n] != BY_NAME[n].default]
+    if not given:
+        return None
+    return (f"{', '.join(given)}: WebSocket settings apply to ASGI apps only, and {ref} is "
+            f"a WSGI app (WSGI has no WebSockets)")
 
 
 def configure_logging(level: str, access_log: bool) -> None:
@@ -121,15 +140,12 @@ def _check_bind(address: Any) -> str | None:
     return None
 
 
-def _tls_context(settings: dict[str, Any], interface: str) -> ssl.SSLContext | None:
+def _tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
     certfile, keyfile = settings["ssl_certfile"], settings["ssl_keyfile"]
     if not certfile:
         if keyfile:
             raise ValueError("--ssl-keyfile needs --ssl-certfile")
         return None
-    if interface != "asgi":
-        raise ValueError("TLS (--ssl-certfile) is served for ASGI apps only; put a TLS "
-                         "proxy in front of a WSGI app")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(certfile, keyfile or None)
@@ -203,15 +219,19 @@ def run(settings: dict[str, Any]) -> int:
             interface = interface_of(app, settings["interface"])
         else:
             interface = check_in_child(ref, settings["factory"], settings["interface"])
-        if interface == "asgi":
-            asgi.require_uvicorn(settings["http"], settings["loop"])
+        if interface == "wsgi":
+            wsgi.require_a2wsgi()
+        asgi.require_uvicorn(settings["http"], settings["loop"],
+                             settings["ws"] if interface == "asgi" else "none")
     except (AppError, asgi.MissingDependency) as e:
         return _fail(str(e))
+    if interface == "wsgi" and (problem := _ws_for_wsgi(settings, ref)) is not None:
+        return _fail(problem)
     problem = _check_bind(address)
     if problem is not None:
         return _fail(problem)
     try:
-        tls = _tls_context(settings, interface)
+        tls = _tls_context(settings)
     except (OSError, ssl.SSLError, ValueError) as e:
         return _fail(str(e))
     _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings, tls)
