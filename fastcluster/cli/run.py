@@ -191,8 +191,9 @@ def _not_for(settings: dict[str, Any], interface: str) -> str | None:
     for name, source in settings["given"].items():
         opt = BY_NAME.get(name)
         if opt is not None and opt.interface and opt.interface != interface:
-            return (f"{opt.flag} (from {source}) does not apply to a {interface.upper()} "
-                    f"app: {opt.why}")
+            article = "an" if interface == "asgi" else "a"
+            return (f"{opt.flag} (from {source}) does not apply to {article} "
+                    f"{interface.upper()} app: {opt.why}")
     return None
 
 
