@@ -22,8 +22,6 @@ import pytest
 from _helpers import free_port
 from test_cli import TESTS, cli, cli_env, get
 
-from fastcluster.pytest_plugin import ClusterServer, fastcluster_server  # noqa: F401
-
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None,
                                 reason="curl is not installed (apt-get install -y curl)")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_cli import cli, get
 
-from fastcluster.pytest_plugin import ClusterServer, fastcluster_server  # noqa: F401
+from fastcluster.pytest_plugin import ClusterServer
 
 
 def raw(server: ClusterServer, request: bytes) -> bytes:
