@@ -66,7 +66,7 @@ def test_proxy_headers_and_no_proxy_headers(fastcluster_server: Any) -> None:
     for flag, client in (("--proxy-headers", "10.9.8.7"), ("--no-proxy-headers", "127.0.0.1")):
         server = fastcluster_server("cli_apps:asgi_app", workers=1,
                                     args=(flag, "--forwarded-allow-ips", "127.0.0.1",
-                                          "--access-log", "--access-log-format", fmt))
+                                          "--access-log-format", fmt))  # implies --access-log
         assert head_of(server, headers={"X-Forwarded-For": "10.9.8.7"})[0] == 200
         assert server.stop() == 0
         assert f"{client} 10.9.8.7" in server.log(), (flag, server.log())

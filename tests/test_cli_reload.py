@@ -106,6 +106,24 @@ def test_reload_on_an_edit_replaces_workers_and_drops_no_request(fastcluster_ser
     assert server.stop() == 0
 
 
+def test_an_edit_that_breaks_the_app_keeps_the_old_workers(fastcluster_server: Any,
+                                                           tmp_path: Path) -> None:
+    app_file = tmp_path / "reload_app.py"
+    write_app(app_file, "v1")
+    server = fastcluster_server("reload_app:app", workers=1, cwd=str(tmp_path),
+                                args=("--reload", "--app-dir", str(tmp_path)))
+    first = server.worker_pids()
+    app_file.write_text(APP.format(version="v2") + "\nthis is not python(\n")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "rolling restart stopped" not in server.log():
+        time.sleep(0.1)
+    assert "rolling restart stopped" in server.log()  # the new worker could not import it
+    assert server.worker_pids() == first and fetch(server) == "v1"  # the old one serves on
+    write_app(app_file, "v3")  # fixed: reloads
+    assert wait_for(server, "v3"), server.log()
+    assert server.stop() == 0
+
+
 def test_reload_include_and_exclude_choose_what_reloads(fastcluster_server: Any,
                                                         tmp_path: Path) -> None:
     app_file = tmp_path / "reload_app.py"

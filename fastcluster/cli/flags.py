@@ -64,7 +64,7 @@ LOGGING: tuple[Option, ...] = (
            "the access log line, with gunicorn's atoms: %%(h)s client, %%(r)s request "
            "line, %%(s)s status, %%(b)s body bytes, %%(f)s referer, %%(a)s user agent, "
            "%%(D)s microseconds, %%(M)s ms, %%(L)s seconds, %%({name}i)s a request header, "
-           "%%({name}o)s a response header...", "FORMAT"),
+           "%%({name}o)s a response header...; turns --access-log on", "FORMAT"),
     Option("access_logfile", nonempty("file"), "",
            "write the access log to FILE ('-': standard output); turns --access-log on",
            "FILE"),

@@ -79,12 +79,20 @@ def _apply_config_file(path: str) -> None:
                            f"{e}") from None
 
 
+def access_on(settings: dict[str, Any]) -> bool:
+    """--access-log, or else implied by --access-logfile or --access-log-format
+    (a format given is never ignored; --no-access-log still turns it off)."""
+    if "access_log" in settings["given"]:
+        return bool(settings["access_log"])
+    return bool(settings["access_logfile"]) or "access_log_format" in settings["given"]
+
+
 def configure(settings: dict[str, Any]) -> None:
     """Sets logging up from the settings; raises LoggingError."""
     logging.addLevelName(TRACE, "TRACE")
     level_name = settings["log_level"]
     level = TRACE if level_name == "trace" else getattr(logging, level_name.upper())
-    access_on = settings["access_log"] or bool(settings["access_logfile"])
+    logged = access_on(settings)
     if settings["log_config"]:
         _apply_config_file(settings["log_config"])
         return
@@ -104,7 +112,7 @@ def configure(settings: dict[str, Any]) -> None:
                                                 else logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # ours replaces it
     access = logging.getLogger(ACCESS_LOGGER)
-    access.setLevel(logging.INFO if access_on else logging.WARNING)
+    access.setLevel(logging.INFO if logged else logging.WARNING)
     if settings["access_logfile"]:
         access_handler = _handler(settings["access_logfile"], sys.stdout, "--access-logfile")
         # the line is the --access-log-format's alone (gunicorn's), or a JSON object

@@ -66,6 +66,7 @@ class Reloader:
                                         daemon=True)
 
     def start(self) -> None:
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # ours says which file
         self._thread.start()
 
     def _run(self) -> None:

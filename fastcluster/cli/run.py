@@ -77,7 +77,7 @@ def worker_main() -> None:
         except AppError as e:
             log.error("fastcluster: worker pid %d: %s", os.getpid(), e)
             raise SystemExit(BOOT_ERROR) from None
-    logged = s["access_log"] or bool(s["access_logfile"])
+    logged = logs.access_on(s)
     if plan.interface == "asgi":
         if logged:
             app = access.AsgiAccessLog(app, s["access_log_format"])
@@ -334,7 +334,7 @@ def _serve(settings: dict[str, Any], interface: str, app: Any, http: Any, tls: A
         primary.adopt(bindings.sockets.pop(0))
     lifecycle = _Lifecycle()
     snapshot = Snapshot({"app": ref, "interface": interface,
-                         "bind": [_show(a) for a in addresses],
+                         "bind": " ".join(_show(a) for a in addresses),
                          "workers_wanted": settings["workers"]}, _role.primary())
     snapshot.expect_initial(settings["workers"])
     servers: list[Any] = []
