@@ -19,7 +19,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 _PROTOCOL = ("uvicorn's HTTP protocol serves ASGI apps only; the WSGI server "
              "does not take it")
-_LIMITS = ("enforced by the ASGI server's httptools protocol; the WSGI server "
+_LIMITS = ("enforced by the ASGI server (uvicorn's protocols); the WSGI server "
            "bounds a request line at 64 KiB and serves --threads requests at once")
 
 BINDING: tuple[Option, ...] = (

@@ -203,12 +203,12 @@ def _protocol(settings: dict[str, Any]) -> Any:
               settings["limit_request_field_size"])
     if not any(limits):
         return settings["http"]
-    if settings["http"] == "h11" or importlib.util.find_spec("httptools") is None:
-        raise ValueError("the --limit-request-* flags are enforced on uvicorn's httptools "
-                         "protocol: use --http httptools (pip install httptools)")
+    http = settings["http"]
+    if http == "auto":  # uvicorn's choice
+        http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
     from .limits import limited_protocol
 
-    return limited_protocol(*limits)
+    return limited_protocol(http, *limits)
 
 
 def _load_env_file(path: str) -> None:
