@@ -76,6 +76,7 @@ def limited_protocol(http: str, line: int, fields: int, field_size: int) -> type
 
 def _limited_h11(line: int, fields: int, field_size: int) -> type[Any]:
     import h11
+    from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # (as uvicorn imports it)
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     def check(event: Any) -> _Limit | None:
@@ -103,8 +104,9 @@ def _limited_h11(line: int, fields: int, field_size: int) -> type[Any]:
     class LimitedH11Protocol(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.conn = LimitedConnection(
-                h11.SERVER, self.config.h11_max_incomplete_event_size)
+            size = self.config.h11_max_incomplete_event_size
+            self.conn = LimitedConnection(  # as uvicorn's, with the checks
+                h11.SERVER, DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if size is None else size)
 
         def send_400_response(self, msg: str) -> None:
             limit = getattr(self.conn, "fc_limit", None)
