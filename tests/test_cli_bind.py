@@ -102,6 +102,45 @@ def _run_with_fd(fd: int, app: str, status: str) -> subprocess.Popen[str]:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _wait_served(port: int, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = get_tcp(port, "/up")
+            assert status == 200
+            return body
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@needs_curl
+def test_bind_list_from_the_environment_and_the_config_file(tmp_path: Path) -> None:
+    ports = [free_port(), free_port(), free_port()]
+    config = tmp_path / "fc.toml"
+    config.write_text(f'bind = ["127.0.0.1:{ports[0]}", "127.0.0.1:{ports[1]}"]\n')
+    for env, served in (({"FASTCLUSTER_CONFIG": str(config)}, ports[:2]),  # a TOML list
+                        ({"FASTCLUSTER_CONFIG": str(config),  # the environment's wins
+                          "FASTCLUSTER_BIND": f"127.0.0.1:{ports[2]}, unix:{tmp_path}/e.sock"},
+                         ports[2:])):
+        proc = subprocess.Popen([sys.executable, "-m", "fastcluster", "run",
+                                 "cli_apps:asgi_app", "-w", "1", "--status-socket",
+                                 str(tmp_path / "s.sock")], cwd=TESTS, env=cli_env(**env),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            for port in served:
+                assert "/up" in _wait_served(port)
+            if len(served) == 1:
+                assert curl_unix(f"{tmp_path}/e.sock", "/e").split()[2] == "/e"
+                with pytest.raises(OSError):
+                    get_tcp(ports[0])  # the file's list was replaced, not added to
+        finally:
+            out = _stop(proc)
+        assert proc.returncode == 0, out
+
+
 def _stop(proc: subprocess.Popen[str]) -> str:
     os.kill(proc.pid, signal.SIGTERM)
     try:

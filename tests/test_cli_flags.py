@@ -203,3 +203,22 @@ def test_tls_key_password_client_certificates_and_ciphers(fastcluster_server: An
     with pytest.raises((ssl.SSLError, ConnectionError)):
         fetch(with_cert=False)  # --ssl-cert-reqs 2: no client certificate, no handshake
     assert server.stop() == 0
+
+
+
+def test_headers_from_the_environment_one_per_line_and_from_the_config_file(
+        fastcluster_server: Any, tmp_path: Path) -> None:
+    config = tmp_path / "fc.toml"
+    config.write_text('header = ["X-From: file", "X-Also: file"]\n')
+    server = fastcluster_server("cli_apps:asgi_app", workers=1,
+                                env={"FASTCLUSTER_CONFIG": str(config)})
+    _, headers = head_of(server)
+    assert headers["x-from"] == "file" and headers["x-also"] == "file"  # a TOML list
+    assert server.stop() == 0
+    server = fastcluster_server("cli_apps:asgi_app", workers=1,
+                                env={"FASTCLUSTER_CONFIG": str(config),
+                                     "FASTCLUSTER_HEADER": "X-One: 1\nX-Two: a, b"})
+    _, headers = head_of(server)
+    assert headers["x-one"] == "1" and headers["x-two"] == "a, b"  # one per line
+    assert "x-from" not in headers  # the environment beats the file
+    assert server.stop() == 0

@@ -101,6 +101,8 @@ def test_bad_log_config_is_a_clear_error(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "not a valid logging configuration" in bad.stderr
     bad = cli("run", "cli_apps:asgi_app", "--log-config", str(tmp_path / "none.ini"))
     assert bad.returncode == 1 and "cannot read it" in bad.stderr
+    bad = cli("run", "cli_apps:asgi_app", "--log-config", str(config), "--log-format", "json")
+    assert bad.returncode == 1 and "--log-format would be ignored" in bad.stderr
 
 
 def test_json_log_format_error_logfile_and_levels(fastcluster_server: Any, tmp_path: Path

@@ -4,9 +4,11 @@ fork (workers inherit the handlers; files are opened O_APPEND, so lines of
 several processes do not overwrite each other).
 
 --log-config is the standard library's: a .json or .yaml/.yml file goes to
-logging.config.dictConfig, anything else (.ini, .conf) to fileConfig; the
-other logging flags then do nothing but --access-log, which still wraps the
-app (its lines go to the "fastcluster.access" logger the config may set).
+logging.config.dictConfig, anything else (.ini, .conf) to fileConfig. It
+sets the handlers and formats, so --log-format and the log files with it
+are an error; --log-level still sets the root level, and --access-log still
+wraps the app (its lines go to the "fastcluster.access" logger, which the
+config may set up).
 """
 
 from __future__ import annotations
@@ -94,7 +96,15 @@ def configure(settings: dict[str, Any]) -> None:
     level = TRACE if level_name == "trace" else getattr(logging, level_name.upper())
     logged = access_on(settings)
     if settings["log_config"]:
+        clash = [f"--{n.replace('_', '-')}" for n in ("log_format", "error_logfile",
+                                                     "access_logfile")
+                 if n in settings["given"]]
+        if clash:
+            raise LoggingError(f"--log-config sets the handlers and formats itself; "
+                               f"{', '.join(clash)} would be ignored: put it in the config")
         _apply_config_file(settings["log_config"])
+        if "log_level" in settings["given"]:  # as uvicorn: the level still applies
+            logging.getLogger().setLevel(level)
         return
     if settings["log_format"] == "json":
         formatter = _json_formatter(JSON_FIELDS)
