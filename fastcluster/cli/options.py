@@ -216,7 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "settings", f"each also from the environment ({ENV_PREFIX}<NAME>, e.g. "
         f"{ENV_PREFIX}WORKERS) or the config file (<name>, e.g. workers = 4); "
-        "flags win, then the environment, then the file")
+        "flags win, then the environment, then the file. A BOOL flag alone means true; "
+        "--no-<flag> means false. A repeatable flag is a TOML list in the file, "
+        "comma-separated in the environment")
     for opt in OPTIONS:
         if opt.name == "app":
             continue
