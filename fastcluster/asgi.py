@@ -156,19 +156,24 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
 
     ticker = _Ticker(config, state)
     headers = loop.create_task(ticker.run())
-    try:
-        server = await aio.create_server(factory, address, backlog=backlog, ssl=ssl)
-    except OSError as e:
-        headers.cancel()
-        log.error("fastcluster: worker pid %s cannot listen on %r: %s", os.getpid(), address, e)
-        await life.shutdown()
-        return BOOT_ERROR
+    servers = []
+    # a list: several addresses (the CLI's repeated --bind), each served
+    for one in address if isinstance(address, list) else [address]:
+        try:
+            servers.append(await aio.create_server(factory, one, backlog=backlog, ssl=ssl))
+        except OSError as e:
+            headers.cancel()
+            log.error("fastcluster: worker pid %s cannot listen on %r: %s", os.getpid(), one, e)
+            for server in servers:
+                server.close()
+            await life.shutdown()
+            return BOOT_ERROR
     drain = _Drain(loop, state, ws_class)
     rt = _role.runtime
     if rt is not None:
         rt.add_server(drain)
     try:
-        await server.serve_forever()
+        await asyncio.gather(*(server.serve_forever() for server in servers))
     finally:
         headers.cancel()
         drain.stop()

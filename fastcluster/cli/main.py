@@ -44,19 +44,23 @@ def _version() -> str:
 
 def parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The `fastcluster` parser and its `run` subparser."""
+    # allow_abbrev=False: argparse would take an unknown flag for an
+    # abbreviation of a longer one (--reload as --reload-on)
     top = argparse.ArgumentParser(
-        prog="fastcluster", description="Serve an ASGI or WSGI app with a cluster of "
-        "worker processes fed by a C dispatcher; show a running cluster's state.")
+        prog="fastcluster", allow_abbrev=False, description="Serve an ASGI or WSGI app "
+        "with a cluster of worker processes fed by a C dispatcher; show a running "
+        "cluster's state.")
     top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
-        "run", help="serve MODULE:APP with N workers",
+        "run", help="serve MODULE:APP with N workers", allow_abbrev=False,
         description="Serve an ASGI or WSGI app with N worker processes. Signals to the "
         "primary: INT/TERM graceful stop, QUIT fast stop, HUP rolling restart, "
         "TTIN/TTOU one worker more/fewer.")
     _cli_options.add_arguments(run)
     status = sub.add_parser(
         "status", help="show a running primary's workers and counters",
+        allow_abbrev=False,
         description="Per worker: id, pid, state, uptime, connections dispatched, "
         "connections open now, requests served, restarts, RSS.")
     status.add_argument("--socket", metavar="PATH", default=None,

@@ -14,75 +14,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
+from . import flags as flag_groups
+from .parse import ENV_PREFIX, Option, OptionError, show
+from .parse import boolean as _bool
+from .parse import choice as _choice
+from .parse import delay as _delay
+from .parse import int_range as _int_range
+from .parse import seconds as _seconds
+from .parse import text as _text
 
-ENV_PREFIX = "FASTCLUSTER_"
+__all__ = ["BY_NAME", "ENV_PREFIX", "OPTIONS", "Option", "OptionError", "parse_bind",
+           "resolve"]
+
 POLICIES = ("rr", "least", "shared", "reuseport")
 WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")  # uvicorn's --ws
-
-
-class OptionError(ValueError):
-    """A bad setting: the message names it, its source, the value, what is allowed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    name: str  # the config key; flag and env var derive from it
-    parse: Callable[[str], Any]  # text -> value; raises ValueError(what is allowed)
-    default: Any
-    help: str
-    metavar: str | None = None
-    flag_only: bool = False  # no env var / config key (e.g. --config itself)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
+_ASGI_ONLY = "it sets up uvicorn's ASGI server, which does not serve WSGI apps"
+_WS_ONLY = "WebSockets are an ASGI protocol: a WSGI app has none"
 
 
 # -- parsers (text -> value; ValueError says what is allowed) ------------------
-
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise ValueError(f"an int from {lo} to {hi}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"an int from {lo} to {hi}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("a number of seconds > 0") from None
-    if not 0 < value < float("inf"):
-        raise ValueError("a finite number of seconds > 0")
-    return value
-
-
-def _delay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("a number of seconds >= 0") from None
-    if not 0 <= value < float("inf"):
-        raise ValueError("a finite number of seconds >= 0")
-    return value
-
 
 def _hang_timeout(text: str) -> float:
     allowed = "0 (off) or a number of seconds from 0.5 to 86400"
@@ -113,28 +69,6 @@ def _signal_name(text: str) -> str:
     if sig is None:
         raise ValueError("one of " + ", ".join(RELOAD_SIGNALS))
     return sig
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise ValueError("one of " + ", ".join(choices))
-        return text
-
-    return parse
-
-
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("true or false (1/0, yes/no, on/off)")
-
-
-def _text(text: str) -> str:
-    return text
 
 
 def _app(text: str) -> str:
@@ -181,9 +115,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("app", _app, None, "the application, 'module:attribute' (ASGI or WSGI)",
            "MODULE:APP"),
     Option("workers", _int_range(1, 256), None,
-           "worker processes (default: the number of CPUs)", "N"),
-    Option("bind", _bind, "127.0.0.1:8000",
-           "address to serve: HOST:PORT, [IPv6]:PORT, :PORT or unix:PATH", "ADDR"),
+           "worker processes (default: the number of CPUs)", "N", aliases=("-w",)),
+    Option("bind", _bind, [],
+           "address to serve: HOST:PORT, [IPv6]:PORT, :PORT or unix:PATH; repeatable, "
+           "each is served (default: 127.0.0.1:8000 unless --host/--port/--uds/--fd)",
+           "ADDR", aliases=("-b",), multiple=True),
     Option("policy", _choice(*POLICIES), "rr",
            "how connections reach workers: rr (primary accepts, round robin), least "
            "(fewest open), shared (kernel, one socket), reuseport (one socket per worker)",
@@ -205,22 +141,26 @@ OPTIONS: tuple[Option, ...] = (
            "event loop (auto: uvloop when installed)", "auto|asyncio|uvloop"),
     Option("lifespan", _choice("auto", "on", "off"), "auto",
            "ASGI: lifespan events in each worker (auto: if the app supports them)",
-           "auto|on|off"),
+           "auto|on|off", interface="asgi", why="lifespan is an ASGI protocol"),
     # -- WebSockets (ASGI), as uvicorn spells them --
     Option("ws", _choice(*WS_CHOICES), "auto",
            "ASGI: WebSocket implementation (auto: websockets when installed, else wsproto; "
-           "none: no WebSockets)", "|".join(WS_CHOICES)),
+           "none: no WebSockets)", "|".join(WS_CHOICES), interface="asgi", why=_WS_ONLY),
     Option("ws_max_size", _int_range(1, 1 << 40), 16 * 1024 * 1024,
-           "ASGI: largest WebSocket message accepted, in bytes", "BYTES"),
+           "ASGI: largest WebSocket message accepted, in bytes", "BYTES",
+           interface="asgi", why=_WS_ONLY),
     Option("ws_max_queue", _int_range(1, 1 << 20), 32,
-           "ASGI: WebSocket messages queued for the app before reading pauses", "N"),
+           "ASGI: WebSocket messages queued for the app before reading pauses", "N",
+           interface="asgi", why=_WS_ONLY),
     Option("ws_ping_interval", _delay, 20.0,
-           "ASGI: seconds between WebSocket pings; 0: no pings", "S"),
+           "ASGI: seconds between WebSocket pings; 0: no pings", "S",
+           interface="asgi", why=_WS_ONLY),
     Option("ws_ping_timeout", _delay, 20.0,
            "ASGI: seconds a WebSocket ping waits for its pong before the connection is "
-           "closed; 0: wait forever", "S"),
+           "closed; 0: wait forever", "S", interface="asgi", why=_WS_ONLY),
     Option("ws_per_message_deflate", _bool, True,
-           "ASGI: offer WebSocket per-message compression", "BOOL"),
+           "ASGI: offer WebSocket per-message compression", "BOOL",
+           interface="asgi", why=_WS_ONLY),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
            "seconds an idle keep-alive connection stays open", "S"),
     Option("root_path", _text, "", "the root_path in each request's scope, SCRIPT_NAME for "
@@ -231,18 +171,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("ssl_certfile", _text, "", "serve TLS with this certificate (PEM)", "FILE"),
     Option("ssl_keyfile", _text, "", "the certificate's private key (PEM; default: "
            "in the certificate file)", "FILE"),
-    Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N"),
+    Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N",
+           interface="wsgi", why="an ASGI app runs on the worker's event loop"),
     Option("client_timeout", _seconds, 30.0,
            "WSGI: seconds a thread reading the request body waits for the client to send "
-           "more", "S"),
+           "more", "S", interface="wsgi",
+           why="the ASGI server's idle limit is --timeout-keep-alive"),
     Option("graceful_timeout", _seconds, 30.0,
-           "seconds a stopping worker gets to finish its requests before SIGKILL", "S"),
+           "seconds a stopping worker gets to finish its requests before SIGKILL", "S",
+           aliases=("--timeout-graceful-shutdown",)),
     Option("timeout", _hang_timeout, 30.0,
            "seconds a worker's event loop may stop answering its heartbeat before it "
            "is killed (SIGABRT, then SIGKILL) and replaced; 0: off", "S"),
     Option("max_requests", _int_range(0, 1 << 62), 0,
            "recycle a worker (gracefully, through a rolling restart) after this many "
-           "requests; 0: never", "N"),
+           "requests; 0: never", "N", aliases=("--limit-max-requests",)),
     Option("max_requests_jitter", _int_range(0, 1 << 62), 0,
            "add a random 0..N to each worker's max_requests, so they do not recycle "
            "together", "N"),
@@ -261,9 +204,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("group", _text, "", "run the workers with this group (name or id)", "GROUP"),
     Option("backlog", _int_range(1, 65535), 511, "listen() backlog", "N"),
     Option("respawn", _bool, True, "replace workers that exit unasked", "BOOL"),
-    Option("access_log", _bool, False, "log one line per request", "BOOL"),
-    Option("log_level", _choice("debug", "info", "warning", "error"), "info",
-           "logging level", "LEVEL"),
+    Option("access_log", _bool, False, "log one line per request (--access-log-format)",
+           "BOOL"),
+    Option("log_level", _choice(*flag_groups.LOG_LEVELS), "info",
+           "logging level (trace: debug, and uvicorn's trace lines)", "LEVEL"),
     Option("status_socket", _text, "",
            "Unix socket (mode 0600) where the primary serves `fastcluster status` "
            "(default: $XDG_RUNTIME_DIR or /tmp, fastcluster-<pid>.sock; 'off': none)",
@@ -279,41 +223,53 @@ OPTIONS: tuple[Option, ...] = (
            "graceful shutdown (Kubernetes: 5-15)", "S"),
     Option("config", _text, "", "TOML file with any of these settings (same names)",
            "FILE"),
+    *flag_groups.MORE,
 )
 BY_NAME = {opt.name: opt for opt in OPTIONS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds every setting as a flag (values stay text: checked in resolve())."""
+    """Adds every setting as a flag (values stay text: checked in resolve()).
+    A boolean also gets --no-<name>; a `multiple` one may be repeated."""
     parser.add_argument("app", nargs="?", default=None, metavar="MODULE:APP",
                         help=BY_NAME["app"].help)
     group = parser.add_argument_group(
         "settings", f"each also from the environment ({ENV_PREFIX}<NAME>, e.g. "
         f"{ENV_PREFIX}WORKERS) or the config file (<name>, e.g. workers = 4); "
-        "flags win, then the environment, then the file")
+        "flags win, then the environment, then the file. A BOOL flag alone means true; "
+        "--no-<flag> means false. A repeatable flag is a TOML list in the file, "
+        "comma-separated in the environment")
     for opt in OPTIONS:
         if opt.name == "app":
             continue
-        default = "" if opt.default in (None, "") else f" [{_show(opt.default)}]"
+        shown = show(opt.default).replace("%", "%%")  # (help strings are %-formats)
+        default = "" if opt.default in (None, "", []) else f" [{shown}]"
         env = "" if opt.flag_only else f" (${opt.env})"
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.parse is _bool else {}
-        group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
-                           help=opt.help + default + env, **extra)
+        if opt.multiple:
+            extra["action"] = "append"
+        group.add_argument(*opt.aliases, opt.flag, dest=opt.name, default=None,
+                           metavar=opt.metavar, help=opt.help + default + env, **extra)
+        if opt.parse is _bool:
+            group.add_argument("--no-" + opt.flag[2:], dest=opt.name, action="store_const",
+                               const="false", help=argparse.SUPPRESS)
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return show(value)
 
 
-def _config_text(value: Any) -> str:
-    """A TOML value as the text a flag would carry."""
+def _config_text(value: Any, multiple: bool = False) -> str | list[str]:
+    """A TOML value as the text a flag would carry (a list of them for a
+    `multiple` setting)."""
+    if multiple and isinstance(value, list):
+        return [str(_config_text(v)) for v in value]
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
-        return str(value)
-    raise ValueError("a string, number or boolean")
+        return [str(value)] if multiple else str(value)
+    raise ValueError("a string, number or boolean" + (" (or a list of them)" if multiple
+                                                       else ""))
 
 
 def _toml() -> Any:
@@ -351,39 +307,49 @@ def load_config_file(path: str) -> dict[str, Any]:
 def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
             ) -> dict[str, Any]:
     """The settings from flags (argparse namespace as a dict, text values or
-    None), the environment and the config file; checked. Raises OptionError."""
+    None), the environment and the config file; checked. Raises OptionError.
+    out["given"] maps each setting not left at its default to its source."""
     env = os.environ if environ is None else environ
-    sources: dict[str, tuple[str, str]] = {}  # name -> (source, text)
+    sources: dict[str, tuple[str, str | list[str]]] = {}  # name -> (source, text(s))
     config_path = flags.get("config") or env.get(BY_NAME["config"].env) or ""
     if config_path:
         for name, value in load_config_file(config_path).items():
             try:
-                text = _config_text(value)
+                text = _config_text(value, BY_NAME[name].multiple)
             except ValueError as e:
                 raise OptionError(f"setting {name!r} (from {config_path}) must be {e}, "
                                   f"got {value!r}") from None
             sources[name] = (f"config file {config_path}", text)
     for opt in OPTIONS:
         if not opt.flag_only and opt.env in env:
-            sources[opt.name] = (f"${opt.env}", env[opt.env])
+            value = env[opt.env]
+            sources[opt.name] = (f"${opt.env}", [v.strip() for v in value.split(opt.sep)
+                                                 if v.strip()] if opt.multiple else value)
     for opt in OPTIONS:
         value = flags.get(opt.name)
         if value is not None:
             sources[opt.name] = ("the command line" if opt.name == "app" else opt.flag,
-                                 str(value))
+                                 [str(v) for v in value] if opt.multiple else str(value))
     out: dict[str, Any] = {}
     for opt in OPTIONS:
         if opt.name not in sources:
-            out[opt.name] = opt.default
+            out[opt.name] = list(opt.default) if opt.multiple else opt.default
             continue
         source, text = sources[opt.name]
-        try:
-            out[opt.name] = opt.parse(text)
-        except ValueError as e:
-            raise OptionError(f"setting {opt.name!r} (from {source}) must be {e}, "
-                              f"got {text!r}") from None
+        for item in text if isinstance(text, list) else [text]:
+            try:
+                value = opt.parse(item)
+            except ValueError as e:
+                raise OptionError(f"setting {opt.name!r} (from {source}) must be {e}, "
+                                  f"got {item!r}") from None
+            if opt.multiple:
+                out.setdefault(opt.name, []).append(value)
+            else:
+                out[opt.name] = value
+        out.setdefault(opt.name, [])  # a multiple one given as an empty list
     if out["workers"] is None:
         out["workers"] = max(1, os.cpu_count() or 1)
+    out["given"] = {name: source for name, (source, _t) in sources.items()}
     return out
 
 

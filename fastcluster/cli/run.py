@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import logging
 import os
-import socket
 import ssl
 import sys
 from typing import Any
@@ -35,14 +36,19 @@ import fastcluster as cluster
 
 from .. import _role, asgi, wsgi
 from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
+from . import access, logs
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
+from .bind import BindError, Bindings, open_bindings
 from .options import BY_NAME, parse_bind
+from .reload import Reloader, ReloadError
 
 log = logging.getLogger("fastcluster")
 
-LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
 WS_SETTINGS = ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
                "ws_per_message_deflate")
+CERT_REQS = {"0": ssl.CERT_NONE, "none": ssl.CERT_NONE, "1": ssl.CERT_OPTIONAL,
+             "optional": ssl.CERT_OPTIONAL, "2": ssl.CERT_REQUIRED,
+             "required": ssl.CERT_REQUIRED}
 
 
 @dataclasses.dataclass
@@ -51,9 +57,10 @@ class WorkerPlan:
     app: Any  # the preloaded app, or None: the worker imports it
     factory: bool
     interface: str  # "asgi" or "wsgi"
-    address: Any
+    address: Any  # the list of addresses, each served
     settings: dict[str, Any]
     ssl: ssl.SSLContext | None = None  # made in the primary (a clear error there)
+    http: Any = "auto"  # uvicorn's protocol: its name, or a class (the request limits)
 
 
 _plan: WorkerPlan | None = None
@@ -72,16 +79,24 @@ def worker_main() -> None:
         except AppError as e:
             log.error("fastcluster: worker pid %d: %s", os.getpid(), e)
             raise SystemExit(BOOT_ERROR) from None
-    http = {"http": s["http"], "loop": s["loop"], "timeout_keep_alive": s["timeout_keep_alive"],
+    logged = logs.access_on(s)
+    # both interfaces run on uvicorn's HTTP/1.1 protocols (WSGI through a2wsgi)
+    http = {"http": plan.http, "loop": s["loop"], "timeout_keep_alive": s["timeout_keep_alive"],
             "ssl": plan.ssl, "root_path": s["root_path"],
-            "forwarded_allow_ips": s["forwarded_allow_ips"] or None}  # both interfaces
+            "forwarded_allow_ips": s["forwarded_allow_ips"] or None,
+            "limit_concurrency": s["limit_concurrency"] or None,
+            "headers": list(s["header"]), "server_header": s["server_header"],
+            "date_header": s["date_header"], "proxy_headers": s["proxy_headers"]}
     if plan.interface == "asgi":
-        code = asgi.serve(app, plan.address, lifespan=s["lifespan"],
-                          access_log=s["access_log"], backlog=s["backlog"], **http,
-                          **_ws_options(s))
+        if logged:
+            app = access.AsgiAccessLog(app, s["access_log_format"])
+        code = asgi.serve(app, plan.address, lifespan=s["lifespan"], access_log=False,
+                          backlog=s["backlog"], **http, **_ws_options(s))
     else:
+        if logged:
+            app = access.wsgi_access_log(app, s["access_log_format"])
         code = wsgi.serve(app, plan.address, threads=s["threads"],
-                          client_timeout=s["client_timeout"], access_log=s["access_log"],
+                          client_timeout=s["client_timeout"], access_log=False,
                           backlog=s["backlog"], **http)
     if code:
         raise SystemExit(code)
@@ -95,49 +110,9 @@ def _ws_options(s: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ws_for_wsgi(settings: dict[str, Any], ref: str) -> str | None:
-    given = [BY_NAME[n].flag for n in WS_SETTINGS if settings[n] != BY_NAME[n].default]
-    if not given:
-        return None
-    return (f"{', '.join(given)}: WebSocket settings apply to ASGI apps only, and {ref} is "
-            f"a WSGI app (WSGI has no WebSockets)")
-
-
-def configure_logging(level: str, access_log: bool) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger().setLevel(level.upper())
-    # uvicorn's own info lines (one per worker and lifespan step) say less than ours
-    logging.getLogger("uvicorn.error").setLevel("DEBUG" if level == "debug" else "WARNING")
-    access = "INFO" if access_log else "WARNING"
-    logging.getLogger("uvicorn.access").setLevel(access)
-    logging.getLogger("fastcluster.access").setLevel(access)
-
-
 def _fail(message: str) -> int:
     print(f"fastcluster run: {message}", file=sys.stderr, flush=True)
     return 1
-
-
-def _check_bind(address: Any) -> str | None:
-    """Binds the TCP address once (and lets go), or checks a Unix socket's
-    directory, for a clear error before forking."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()):
-        return None  # (socket activation: systemd bound it, the primary adopts it)
-    if isinstance(address, str):
-        parent = os.path.dirname(os.path.abspath(address))
-        if not address.startswith("\0") and not os.path.isdir(parent):
-            return f"cannot listen on unix:{address} (--bind): no directory {parent}"
-        return None
-    try:
-        infos = socket.getaddrinfo(address[0], address[1], socket.AF_UNSPEC,
-                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        family, _t, _p, _c, sockaddr = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(sockaddr)
-    except OSError as e:
-        return f"cannot listen on {address[0]}:{address[1]} (--bind): {e.strerror or e}"
-    return None
 
 
 def _tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
@@ -147,12 +122,26 @@ def _tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
             raise ValueError("--ssl-keyfile needs --ssl-certfile")
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    password = settings["ssl_keyfile_password"]
     try:
-        ctx.load_cert_chain(certfile, keyfile or None)
+        ctx.load_cert_chain(certfile, keyfile or None, password or None)
     except (OSError, ssl.SSLError) as e:
         raise ValueError(f"--ssl-certfile {certfile!r}"
                          + (f" / --ssl-keyfile {keyfile!r}" if keyfile else "")
                          + f": cannot load the certificate and key: {e}") from None
+    ctx.verify_mode = CERT_REQS[settings["ssl_cert_reqs"]]
+    if settings["ssl_ca_certs"]:
+        try:
+            ctx.load_verify_locations(settings["ssl_ca_certs"])
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"--ssl-ca-certs {settings['ssl_ca_certs']!r}: cannot load "
+                             f"the CA certificates: {e}") from None
+    if "ssl_ciphers" in settings["given"]:
+        try:
+            ctx.set_ciphers(settings["ssl_ciphers"])
+        except ssl.SSLError as e:
+            raise ValueError(f"--ssl-ciphers {settings['ssl_ciphers']!r}: no cipher "
+                             f"matches it (an OpenSSL cipher list): {e}") from None
     return ctx
 
 
@@ -205,36 +194,127 @@ class _Lifecycle:
             cluster.disconnect()
 
 
-def run(settings: dict[str, Any]) -> int:
-    """`fastcluster run` with resolved settings; the exit status."""
-    global _plan
-    configure_logging(settings["log_level"], settings["access_log"])
+def _not_for(settings: dict[str, Any], interface: str) -> str | None:
+    """A problem with a setting given for an app it does not apply to."""
+    for name, source in settings["given"].items():
+        opt = BY_NAME.get(name)
+        if opt is not None and opt.interface and opt.interface != interface:
+            article = "an" if interface == "asgi" else "a"
+            return (f"{opt.flag} (from {source}) does not apply to {article} "
+                    f"{interface.upper()} app: {opt.why}")
+    return None
+
+
+def _protocol(settings: dict[str, Any]) -> Any:
+    """uvicorn's http protocol: the name, or the class enforcing the limits."""
+    limits = (settings["limit_request_line"], settings["limit_request_fields"],
+              settings["limit_request_field_size"])
+    if not any(limits):
+        return settings["http"]
+    http = settings["http"]
+    if http == "auto":  # uvicorn's choice
+        http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    from .limits import limited_protocol
+
+    return limited_protocol(http, *limits)
+
+
+def _load_env_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"--env-file {path!r}: no such file")
+    try:
+        dotenv: Any = importlib.import_module("dotenv")
+    except ImportError:
+        raise ValueError("--env-file needs python-dotenv; install it with: "
+                         "pip install 'fastcluster-server[cli]'") from None
+    dotenv.load_dotenv(path)  # (as uvicorn: the environment already set wins)
+
+
+class _PidFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            raise ValueError(f"--pid {path!r}: cannot write it: {e.strerror or e}") from None
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            with open(self.path) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return  # another primary's now
+            os.unlink(self.path)
+
+
+def _prepare(settings: dict[str, Any]) -> tuple[str, Any, Any, Any]:
+    """Everything checked before any fork: (interface, app or None, uvicorn's
+    protocol, TLS context). Raises AppError, MissingDependency or ValueError."""
+    if settings["env_file"]:
+        _load_env_file(settings["env_file"])
     add_app_dir(settings["app_dir"])
     ref = settings["app"]
-    address = parse_bind(settings["bind"])
     app = None
-    try:
-        if settings["preload"]:
-            app = import_app(ref, settings["factory"])
-            interface = interface_of(app, settings["interface"])
-        else:
-            interface = check_in_child(ref, settings["factory"], settings["interface"])
-        if interface == "wsgi":
-            wsgi.require_a2wsgi()
-        asgi.require_uvicorn(settings["http"], settings["loop"],
-                             settings["ws"] if interface == "asgi" else "none")
-    except (AppError, asgi.MissingDependency) as e:
-        return _fail(str(e))
-    if interface == "wsgi" and (problem := _ws_for_wsgi(settings, ref)) is not None:
-        return _fail(problem)
-    problem = _check_bind(address)
+    if settings["reload"] and settings["preload"]:
+        raise ValueError("--reload replaces the workers with freshly imported code, and "
+                         "--preload imports the app once in the primary (the workers "
+                         "would keep the old code): use one of them")
+    if settings["preload"]:
+        app = import_app(ref, settings["factory"])
+        interface = interface_of(app, settings["interface"])
+    else:
+        interface = check_in_child(ref, settings["factory"], settings["interface"])
+    problem = _not_for(settings, interface)
     if problem is not None:
-        return _fail(problem)
+        raise ValueError(problem)
+    if interface == "wsgi":
+        wsgi.require_a2wsgi()
+    asgi.require_uvicorn(settings["http"], settings["loop"],
+                         settings["ws"] if interface == "asgi" else "none")
+    http = _protocol(settings)
+    access.check_format(settings["access_log_format"])
+    return interface, app, http, _tls_context(settings)
+
+
+def run(settings: dict[str, Any]) -> int:
+    """`fastcluster run` with resolved settings; the exit status."""
     try:
-        tls = _tls_context(settings)
-    except (OSError, ssl.SSLError, ValueError) as e:
+        logs.configure(settings)
+    except logs.LoggingError as e:
         return _fail(str(e))
-    _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings, tls)
+    try:
+        interface, app, http, tls = _prepare(settings)
+    except ValueError as e:
+        if not str(e).startswith("a %-format"):
+            return _fail(str(e))
+        return _fail(f"setting 'access_log_format' must be {e}, got "
+                     f"{settings['access_log_format']!r}")
+    except (AppError, asgi.MissingDependency, OSError, ssl.SSLError) as e:
+        return _fail(str(e))
+    try:
+        bindings = open_bindings(settings)
+    except BindError as e:
+        return _fail(str(e))
+    try:
+        return _serve(settings, interface, app, http, tls, bindings)
+    finally:
+        bindings.close()
+
+
+def _serve(settings: dict[str, Any], interface: str, app: Any, http: Any, tls: Any,
+           bindings: Bindings) -> int:
+    global _plan
+    ref = settings["app"]
+    addresses = bindings.addresses
+    _plan = WorkerPlan(ref, app, settings["factory"], interface, addresses, settings,
+                       tls, http)
+    reloader = None
+    if settings["reload"]:
+        try:
+            reloader = Reloader(settings["reload_dir"], settings["reload_include"],
+                                settings["reload_exclude"], settings["reload_on"])
+        except ReloadError as e:
+            return _fail(str(e))
     try:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
                               respawn=settings["respawn"],
@@ -254,8 +334,12 @@ def run(settings: dict[str, Any]) -> int:
         return _fail(f"--health: {e.strerror or e}")
     except (TypeError, ValueError) as e:  # an unknown --user/--group, say
         return _fail(str(e))
+    primary = _role.primary()
+    while bindings.sockets:  # the Unix sockets bound with their mode, --fd's
+        primary.adopt(bindings.sockets.pop(0))
     lifecycle = _Lifecycle()
-    snapshot = Snapshot({"app": ref, "interface": interface, "bind": settings["bind"],
+    snapshot = Snapshot({"app": ref, "interface": interface,
+                         "bind": " ".join(_show(a) for a in addresses),
                          "workers_wanted": settings["workers"]}, _role.primary())
     snapshot.expect_initial(settings["workers"])
     servers: list[Any] = []
@@ -272,18 +356,31 @@ def run(settings: dict[str, Any]) -> int:
             server.close()
         what = "--metrics" if servers else "--status-socket"
         return _fail(f"{what}: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    try:
+        pid_file = _PidFile(settings["pid"]) if settings["pid"] else None
+    except ValueError as e:
+        for server in servers:
+            server.close()
+        return _fail(str(e))
     log.info("fastcluster: primary pid %d: %s (%s) on %s, %d workers, policy %s%s%s",
-             os.getpid(), ref, interface.upper(), _show(address), settings["workers"],
-             settings["policy"],
+             os.getpid(), ref, interface.upper(), ", ".join(map(_show, addresses)),
+             settings["workers"], settings["policy"],
              f", status {path}" if path != "off" else "",
              f", metrics http://{settings['metrics']}/metrics" if settings["metrics"] else "")
     try:
         for _ in range(settings["workers"]):
             cluster.fork()
+        if reloader is not None:
+            reloader.start()
+            log.info("fastcluster: --reload: watching %s", ", ".join(reloader.dirs))
         cluster.run()
     finally:
+        if reloader is not None:
+            reloader.stop()
         for server in servers:
             with contextlib.suppress(Exception):
                 server.close()
+        if pid_file is not None:
+            pid_file.remove()
     log.info("fastcluster: primary pid %d stopped", os.getpid())
     return 1 if lifecycle.boot_failed else 0

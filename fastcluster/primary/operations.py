@@ -127,6 +127,13 @@ class Operations:
             raise
         return SocketListener(sock, NullTracker())
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Takes a bound, listening socket as the one for its address, as a
+        systemd-passed one (the CLI's --fd, and the Unix sockets it binds with
+        their mode): a worker's listen on that address gets it."""
+        _t, _d, registry = self._ensure_core()
+        registry.inherited.append(sock)
+
     def _atexit(self) -> None:
         if os.getpid() != self.pid:
             return
