@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -67,6 +68,7 @@ from .runtime import WorkerRuntime
 log = logging.getLogger("fastcluster")
 
 EXEC_FAILED = 127
+PR_SET_PDEATHSIG = 1
 
 
 def _exec_main(code: CodeType, path: str) -> None:
@@ -109,6 +111,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
     user's own group (from the password database) and its groups."""
     if uid is None and gid is None:
         return
+    parent = os.getppid()  # the primary: alive, or its death signal would have killed us
     user = None
     if uid is not None:
         with contextlib.suppress(KeyError):
@@ -130,6 +133,16 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
         raise PermissionError(
             e.errno, f"settings uid={uid!r} gid={gid!r}: the worker cannot switch to them "
             f"({e.strerror}; the primary runs as uid {os.geteuid()}: only root can)") from None
+    _die_with_parent_again(parent)
+
+
+def _die_with_parent_again(parent: int) -> None:
+    """The kernel clears PR_SET_PDEATHSIG on any change of credentials: set it
+    again after the switch, and check the primary did not die in between."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
