@@ -244,6 +244,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("group", _text, "", "run the workers with this group (name or id)", "GROUP"),
     Option("backlog", _int_range(1, 65535), 511, "listen() backlog", "N"),
     Option("respawn", _bool, True, "replace workers that exit unasked", "BOOL"),
+    Option("respawn_delay", _seconds, 0.1,
+           "seconds before replacing a worker that died young (a crash loop); doubles "
+           "with each young death in a row", "S"),
+    Option("respawn_delay_max", _seconds, 30.0, "the most that delay grows to", "S"),
+    Option("respawn_stable", _seconds, 10.0,
+           "a worker that lived this long is replaced at once and ends a crash streak", "S"),
     Option("access_log", _bool, False, "log one line per request", "BOOL"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info",
            "logging level", "LEVEL"),

@@ -218,6 +218,9 @@ def run(settings: dict[str, Any]) -> int:
     try:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
                               respawn=settings["respawn"],
+                              respawn_delay=settings["respawn_delay"],
+                              respawn_delay_max=settings["respawn_delay_max"],
+                              respawn_stable=settings["respawn_stable"],
                               graceful_timeout=settings["graceful_timeout"],
                               backlog=settings["backlog"], health=settings["health"] or None,
                               drain_delay=settings["drain_delay"],
