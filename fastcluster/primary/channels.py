@@ -67,6 +67,31 @@ class Channels:
             self._frames(proc)
             if not alive:
                 self._channel_closed(proc)
+            else:
+                self._watch_partial(proc)
+
+    def _watch_partial(self, proc: Proc) -> None:
+        """A frame begun and not finished is bounded in size (max_frame) and
+        in time: frame_timeout after it began, a worker that did not finish
+        it is killed as for garbage (it holds our memory, or is wedged)."""
+        chan = proc.chan
+        if chan is None or proc.partial_timer is not None or not chan.decoder.buffered:
+            return
+        proc.partial_mark = chan.decoder.completed
+        timeout = self.config().frame_timeout
+
+        def check() -> None:
+            proc.partial_timer = None
+            c = proc.chan
+            if c is None or proc.dead or not c.decoder.buffered:
+                return
+            if c.decoder.completed != proc.partial_mark:  # progress: a newer frame
+                self._watch_partial(proc)
+                return
+            self._bad_frame(proc, f"a partial frame ({c.decoder.buffered} bytes) was not "
+                            f"finished within frame_timeout ({timeout:g} s)", fatal=True)
+
+        proc.partial_timer = self._timers.call_later(timeout, check)
 
     def _frames(self, proc: Proc) -> None:
         while proc.chan is not None:
@@ -186,6 +211,9 @@ class Channels:
         if chan is None:
             return
         proc.chan = None
+        if proc.partial_timer is not None:
+            proc.partial_timer.cancel()
+            proc.partial_timer = None
         if self.dispatcher is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.dispatcher.unwatch(chan.fileno())
@@ -220,7 +248,7 @@ class Channels:
     # -- Worker backend ------------------------------------------------------
 
     def worker_send(self, worker: Worker, message: Any) -> bool:
-        data = encode_message(message)
+        data = encode_message(message, self.config().max_frame)
         proc = self._procs.get(worker.id)
         if proc is None or not self._send(proc, data):
             # Node: false, and an "error" event on the worker, from the loop

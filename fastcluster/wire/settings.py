@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .address import parse_address
+from .frames import MAX_FRAME
 
 POLICIES = ("rr", "least", "shared", "reuseport")
 START_METHODS = ("fork", "spawn")
@@ -56,6 +57,8 @@ class Settings:
     max_requests: int = 0  # recycle a worker after this many requests (0: off)
     max_requests_jitter: int = 0  # + random 0..jitter, so workers do not recycle in step
     max_rss: int = 0  # recycle a worker whose resident memory passes this many bytes (0: off)
+    max_frame: int = MAX_FRAME  # bytes of one control frame (message), either way
+    frame_timeout: float = 10.0  # seconds a worker may hold a partial frame, else it is killed
     # hooks (gunicorn's): callables or None; one that raises is logged, never fatal
     pre_fork: Callable[..., object] | None = None  # (worker), primary, before the fork
     post_fork: Callable[..., object] | None = None  # (worker), in the worker, after the fork
@@ -282,6 +285,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_requests": _int_range(0, 1 << 62),
     "max_requests_jitter": _int_range(0, 1 << 62),
     "max_rss": _int_range(0, 1 << 62),
+    "max_frame": _int_range(4096, 1 << 30),
+    "frame_timeout": _positive_float,
     "pre_fork": _target,
     "post_fork": _target,
     "worker_exit": _target,

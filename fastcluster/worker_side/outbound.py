@@ -97,6 +97,7 @@ class Outbound:
     ctl: ControlSocket
     exit_now: bool
     intake: Intake
+    max_frame: int
     state: str
     worker: Worker
 
@@ -111,7 +112,7 @@ class Outbound:
     # -- sending -------------------------------------------------------------
 
     def _send(self, frame: Frame, fds: list[int] | None = None) -> None:
-        self.ctl.send_blocking(encode(frame), fds)
+        self.ctl.send_blocking(encode(frame, self.max_frame), fds)
 
     def _send_quiet(self, frame: Frame) -> None:
         with contextlib.suppress(OSError):
@@ -251,7 +252,7 @@ class Outbound:
     # -- Worker backend (cluster.worker) -------------------------------------
 
     def worker_send(self, worker: Worker, message: Any) -> bool:
-        data = encode_message(message)
+        data = encode_message(message, self.max_frame)
         if self.state == "disconnected" or self.ctl.closed:
             return False
         try:

@@ -1,0 +1,110 @@
+"""Control frames are bounded (issue 17, item 8): a frame over `max_frame`
+(1 MiB by default) is refused at its header, and a partial frame held longer
+than `frame_timeout` is dropped with the worker's channel (the worker is
+killed, as for garbage). The primary's peak RSS (VmHWM) stays near where it
+was, and it keeps serving through its good worker.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from _faults import HTTP_SERVER, request
+from _helpers import env, free_port, running, script  # noqa: F401
+
+FRAMES = HTTP_SERVER + """
+import struct, time
+from fastcluster import _role
+
+MODES = ["big28", "partial64", "stall"]
+
+def hwm_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+def misbehave(mode):
+    ctl = _role.runtime.ctl
+    with ctl.lock:
+        ctl.sock.setblocking(True)
+        send = ctl.sock.sendall
+        try:
+            if mode == "big28":  # one whole, valid 28 MiB frame
+                body = b'{"t":"msg","d":"' + b"x" * (28 << 20) + b'"}'
+                send(struct.pack(">I", len(body)) + body)
+            elif mode == "partial64":  # 60 MiB of a 64 MiB frame, then nothing
+                send(struct.pack(">I", 64 << 20))
+                chunk = b"x" * (1 << 20)
+                for _ in range(60):
+                    send(chunk)
+            else:  # 500 KiB of a 900 KiB frame (under the limit), then nothing
+                send(struct.pack(">I", 900 << 10) + b'{"t":"msg","d":"' + b"x" * (500 << 10))
+        except OSError:
+            pass  # the primary hung up on us
+    time.sleep(30)
+    os._exit(9)  # not reached when the primary kills us
+
+if cluster.is_primary:
+    try:
+        cluster.setup_primary(respawn=False, frame_timeout=0.5)
+    except TypeError:  # (before max_frame/frame_timeout existed)
+        cluster.setup_primary(respawn=False)
+    good = cluster.fork({"MODE": "good"})
+    todo = list(MODES)
+    started = {}
+
+    def next_bad():
+        if not todo:
+            print("all done", flush=True)
+            return
+        mode = todo.pop(0)
+        w = cluster.fork({"MODE": mode})
+        started[w.id] = time.monotonic()
+        def on_exit(code, sig, w=w, mode=mode):
+            took = time.monotonic() - started[w.id]
+            print("exit", mode, code, sig, f"{took:.1f}", "hwm", hwm_kb(), flush=True)
+            next_bad()
+        w.on("exit", on_exit)
+
+    def on_message(w, m):
+        if w is good and m == "serving":
+            print("hwm", hwm_kb(), flush=True)
+            next_bad()
+        else:
+            print("message from", w.id, len(str(m)), flush=True)
+    cluster.on("message", on_message)
+    cluster.run()
+    print("primary done", flush=True)
+else:
+    mode = os.environ["MODE"]
+    if mode == "good":
+        serve_http(int(os.environ["PORT"]))
+    else:
+        misbehave(mode)
+"""
+
+
+def test_oversized_and_stalled_frames_are_dropped(tmp_path: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, FRAMES), dict(env, PORT=str(port))) as r:
+        base = int(r.wait_for("hwm ", timeout=10)[0].split()[1])
+        exits = r.wait_for("exit ", count=3, timeout=30)
+        ok, _by = request(port)
+        assert ok
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    got = [ln.split() for ln in exits]
+    assert [g[1:4] for g in got] == [["big28", "None", "SIGKILL"],
+                                     ["partial64", "None", "SIGKILL"],
+                                     ["stall", "None", "SIGKILL"]], out
+    assert 0.4 <= float(got[2][4]) <= 5.0, got[2]  # frame_timeout 0.5 s
+    peak = max(int(g[6]) for g in got)
+    assert peak - base < 24 << 10, f"primary VmHWM grew from {base} to {peak} kB"
+    logged = "\n".join(out)
+    assert "over the limit (1048576)" in logged
+    assert "partial frame" in logged
+    assert not [ln for ln in out if ln.startswith("message from")], out
+    print(f"primary VmHWM {base} kB before, {peak} kB at most after the frames")
