@@ -217,6 +217,7 @@ def run(settings: dict[str, Any]) -> int:
     _plan = WorkerPlan(ref, app, settings["factory"], interface, address, settings, tls)
     try:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
+                              allowed_addresses=[address],  # workers listen on --bind only
                               respawn=settings["respawn"],
                               respawn_delay=settings["respawn_delay"],
                               respawn_delay_max=settings["respawn_delay_max"],

@@ -24,6 +24,7 @@ from ..wire.errors import ClusterError, ProtocolError
 from ..wire.frames import Frame, encode, encode_message
 from ..wire.handle import Worker
 from ..wire.settings import Settings
+from .bindguard import BindGuard
 
 if TYPE_CHECKING:
     from .._core import CounterTable, Dispatcher
@@ -41,6 +42,7 @@ class Channels:
     """The primary's end of each worker's control channel, and the Worker handle's backend."""
 
     MAX_BAD_FRAMES = 16  # undecodable frames tolerated from one worker
+    _guard: tuple[Any, BindGuard] | None = None  # for the settings it was made of
     SEND_HIGH_WATER = 1 << 20  # queued bytes to a worker above which send() says False
 
     # the loop's state this part uses (set in Primary.__init__, primary/loop.py)
@@ -174,9 +176,17 @@ class Channels:
                                      "strerror": str(e)}
         else:
             _t, _d, registry = self._ensure_core()
-            reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy)
+            reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy,
+                                         self._bind_guard())
         reply["req"] = req
         self._send(proc, encode(reply), fds)
+
+    def _bind_guard(self) -> BindGuard:
+        cfg = self.config()
+        key = (cfg.allowed_addresses, cfg.uid, cfg.gid)
+        if self._guard is None or self._guard[0] != key:
+            self._guard = (key, BindGuard(*key))
+        return self._guard[1]
 
     def _send(self, proc: Proc, data: bytes, fds: list[int] | None = None) -> bool:
         chan = proc.chan

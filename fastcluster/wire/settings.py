@@ -20,7 +20,7 @@ import pwd
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .address import parse_address
+from .address import allowed_keys, parse_address
 from .frames import MAX_FRAME
 
 POLICIES = ("rr", "least", "shared", "reuseport")
@@ -40,6 +40,9 @@ class Settings:
     silent: bool = False  # worker stdout/stderr to /dev/null
     uid: int | None = None  # dropped to in the worker after fork
     gid: int | None = None
+    # what the primary may bind for its workers (None: anything they could bind
+    # themselves, see primary/bindguard.py); stored as registry keys
+    allowed_addresses: tuple[Any, ...] | None = None
     respawn: bool = True  # replace workers that exit without being asked (in run())
     respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
@@ -268,6 +271,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "silent": _bool,
     "uid": _user,
     "gid": _user,
+    "allowed_addresses": allowed_keys,
     "respawn": _bool,
     "graceful_timeout": _positive_float,
     "timeout": _hang_timeout,

@@ -195,7 +195,8 @@ class Outbound:
         if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
                                     or backlog < 0):
             raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
-        return {"t": "listen", "address": _address.to_wire(address), "backlog": backlog}
+        wire = _address.numeric_wire(_address.to_wire(address))  # no DNS in the primary
+        return {"t": "listen", "address": wire, "backlog": backlog}
 
     def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
         """Builds the Listener a listen reply describes (raises its error)."""
