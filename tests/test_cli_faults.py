@@ -47,3 +47,67 @@ def test_respawn_pacing_from_flags_env_and_config(fastcluster_server: Any,
 
 
 _ = (pytest, time)
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def _scrape(port: int, timeout: float = 3.0) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_status_and_metrics_at_the_fd_limit_pause_expire_and_resume(
+        fastcluster_server: Any) -> None:
+    import resource
+    import socket
+
+    from _faults import cpu_seconds
+    from _helpers import free_port
+
+    mport = free_port()
+    server = fastcluster_server("cli_apps:wsgi_app", workers=1,
+                                args=("--metrics", f"127.0.0.1:{mport}"))
+    # 33 idle scrapers (connected, never asking): the oldest gives way to a real scrape
+    idle = [socket.create_connection(("127.0.0.1", mport), timeout=5) for _ in range(33)]
+    try:
+        time.sleep(0.2)
+        assert _scrape(mport) == 200
+        hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)[1]
+        soft = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)[0]
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (_lowest_free_fd(server.pid), hard))
+        waiting = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        waiting += [socket.create_connection(("127.0.0.1", mport), timeout=5)
+                    for _ in range(2)]
+        try:
+            for s in waiting[:2]:
+                s.connect(server.status_socket)
+            time.sleep(0.3)
+            t0 = cpu_seconds(server.pid)
+            time.sleep(1.0)
+            spent = cpu_seconds(server.pid) - t0
+            assert spent < 0.3, f"the primary spent {spent:.2f} s of CPU in 1 s at EMFILE"
+            # idle scrapers expire on their timer (5 s) although nothing is accepted
+            for s in idle:
+                s.settimeout(8)
+            assert idle[-1].recv(1) == b""
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert waiting[0].recv(1 << 16).startswith(b"{")  # answered once fds are back
+        assert _scrape(mport) == 200
+        assert server.status()["workers"]
+        for s in waiting:
+            s.close()
+    finally:
+        for s in idle:
+            s.close()
+    assert server.stop() == 0
+    print(f"primary CPU at EMFILE with status+metrics waiting: {spent:.3f} s in 1 s")
