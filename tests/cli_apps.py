@@ -60,3 +60,10 @@ async def failing_startup(scope: dict[str, Any], receive: Any, send: Any) -> Non
 def make_wsgi_app() -> Any:
     """An app factory (`--factory`): called once in each worker."""
     return wsgi_app
+
+
+async def hanging_startup(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A lifespan startup that never completes (a database that never answers)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await asyncio.sleep(3600)

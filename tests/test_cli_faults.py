@@ -110,3 +110,41 @@ def test_status_and_metrics_at_the_fd_limit_pause_expire_and_resume(
             s.close()
     assert server.stop() == 0
     print(f"primary CPU at EMFILE with status+metrics waiting: {spent:.3f} s in 1 s")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_a_user_worker_that_cannot_import_fails_the_cli_instead_of_looping() -> None:
+    import shutil
+    import tempfile
+
+    # uvloop the primary can find (it checks --loop) and a `nobody` worker cannot read
+    shadow = tempfile.mkdtemp(prefix="fc-shadow-")
+    os.chmod(shadow, 0o755)
+    try:
+        mod = Path(shadow) / "uvloop.py"
+        mod.write_text("raise ImportError('a stand-in only root may read')\n")
+        mod.chmod(0o600)
+        env = cli_env()
+        env["PYTHONPATH"] = os.pathsep.join([shadow, env["PYTHONPATH"]])
+        t0 = time.monotonic()
+        proc = cli("run", "cli_apps:asgi_app", "--loop", "uvloop", "--workers", "2",
+                   "--bind", "127.0.0.1:0", "--user", "nobody", "--status-socket", "off",
+                   env=env, timeout=20)
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "could not start serving" in proc.stderr
+    assert "Permission denied" in proc.stderr
+    assert proc.stderr.count("forked") == 2, proc.stderr  # no respawn
+    assert time.monotonic() - t0 < 15
+
+
+def test_a_lifespan_startup_that_never_completes_times_out_and_fails_the_cli() -> None:
+    t0 = time.monotonic()
+    proc = cli("run", "cli_apps:hanging_startup", "--workers", "2", "--bind", "127.0.0.1:0",
+               "--ready-timeout", "1", "--status-socket", "off", timeout=20)
+    assert proc.returncode == 1, proc.stderr
+    assert "lifespan startup did not complete within 1 s (ready_timeout)" in proc.stderr
+    assert "could not start serving" in proc.stderr
+    assert proc.stderr.count("forked") == 2, proc.stderr
+    assert time.monotonic() - t0 < 10

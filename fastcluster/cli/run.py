@@ -62,7 +62,6 @@ def worker_main() -> None:
     plan = _plan
     if plan is None:
         raise RuntimeError("fastcluster run: the worker has no plan (start method 'fork' only)")
-    s = plan.settings
     app = plan.app
     if app is None:
         try:
@@ -70,18 +69,32 @@ def worker_main() -> None:
         except AppError as e:
             log.error("fastcluster: worker pid %d: %s", os.getpid(), e)
             raise SystemExit(BOOT_ERROR) from None
+    try:
+        code = _serve(plan, app)
+    except Exception:
+        rt = _role.runtime
+        if rt is not None and rt.worker.state == "listening":
+            raise  # a crash while serving: the supervisor's respawn and backoff
+        # before serving (a lazy import the worker's --user cannot read, say): the
+        # same for every worker, so a boot error, not a crash loop
+        log.exception("fastcluster: worker pid %d could not start serving", os.getpid())
+        raise SystemExit(BOOT_ERROR) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _serve(plan: WorkerPlan, app: Any) -> int:
+    s = plan.settings
     if plan.interface == "asgi":
-        code = asgi.serve(app, plan.address, http=s["http"], loop=s["loop"],
+        return asgi.serve(app, plan.address, http=s["http"], loop=s["loop"],
                           lifespan=s["lifespan"], access_log=s["access_log"],
                           timeout_keep_alive=s["timeout_keep_alive"], backlog=s["backlog"],
                           ssl=plan.ssl, root_path=s["root_path"],
+                          startup_timeout=s["ready_timeout"],
                           forwarded_allow_ips=s["forwarded_allow_ips"] or None)
-    else:
-        code = wsgi.serve(app, plan.address, threads=s["threads"],
-                          client_timeout=s["client_timeout"], access_log=s["access_log"],
-                          backlog=s["backlog"])
-    if code:
-        raise SystemExit(code)
+    return wsgi.serve(app, plan.address, threads=s["threads"],
+                      client_timeout=s["client_timeout"], access_log=s["access_log"],
+                      backlog=s["backlog"])
 
 
 def configure_logging(level: str, access_log: bool) -> None:
