@@ -108,3 +108,44 @@ def test_oversized_and_stalled_frames_are_dropped(tmp_path: Path, env: dict[str,
     assert "partial frame" in logged
     assert not [ln for ln in out if ln.startswith("message from")], out
     print(f"primary VmHWM {base} kB before, {peak} kB at most after the frames")
+
+
+FABRICATED = HTTP_SERVER + """
+import time
+from fastcluster import _role
+
+if cluster.is_primary:
+    cluster.setup_primary(ready_timeout=3)
+    cluster.on("message", lambda w, m: print(m, w.id, flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.id, code, sig,
+                                                  w.exited_after_disconnect, flush=True))
+    cluster.on("listening", lambda w, a: print("listening", w.id, list(a), flush=True))
+    cluster.fork()
+    cluster.run()
+else:
+    if cluster.worker.id == 1:  # also claims an address the primary never gave it
+        def lie():
+            time.sleep(0.3)
+            _role.runtime._send({"t": "listening", "address": ["10.9.9.9", 1]})
+            cluster.worker.send("lied")
+        import threading
+        threading.Thread(target=lie, daemon=True).start()
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_a_fabricated_listening_frame_cannot_fail_a_rolling_restart(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, FABRICATED), dict(env, PORT=str(port))) as r:
+        r.wait_for("lied 1", timeout=10)
+        r.signal(signal.SIGHUP)
+        exits = r.wait_for("exit 1 ", timeout=8)  # the liar retired, its replacement serving
+        ok, _by = request(port)
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert exits == ["exit 1 0 None True"], out
+    assert ok
+    assert "listening 1 ['10.9.9.9', 1]" not in out
+    assert "did not give it" in "\n".join(out)
+    assert code == 0

@@ -142,6 +142,11 @@ class Channels:
                 self._on_listen(proc, frame)
             elif t == "listening":
                 address = _address.from_wire(frame["address"])
+                if _address.key_text(frame["address"]) not in proc.given:
+                    # a rolling restart waits for each address the old worker
+                    # listens on: a made-up one would make every SIGHUP fail
+                    raise ValueError(f"it claims to listen on {frame['address']!r}, an "
+                                     "address the primary did not give it")
                 w.state = "listening"
                 w.emit("listening", address)
                 self.events.emit("listening", w, address)
@@ -179,6 +184,8 @@ class Channels:
             reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy,
                                          self._bind_guard())
         reply["req"] = req
+        if reply.get("t") == "listen_ok":
+            proc.given.add(_address.key_text(reply["address"]))
         self._send(proc, encode(reply), fds)
 
     def _bind_guard(self) -> BindGuard:

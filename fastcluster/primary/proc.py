@@ -25,4 +25,5 @@ class Proc:
         self.kill_timer: Timer | None = None
         self.partial_timer: Timer | None = None  # armed while a partial frame is buffered
         self.partial_mark = 0  # frames decoded when it was armed
+        self.given: set[str] = set()  # addresses we answered its listen requests with
         self.dead = False

@@ -11,6 +11,7 @@ DNS lookup in its loop) and binds it.
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -111,6 +112,12 @@ def key_of(family: int, sockaddr: Any) -> tuple[Any, ...]:
     if family == socket.AF_INET6:
         return (family, sockaddr[0], sockaddr[1], sockaddr[3] if len(sockaddr) > 3 else 0)
     return (family, sockaddr[0], sockaddr[1])
+
+
+def key_text(wire: Any) -> str:
+    """A wire address as one comparable string (host, port; flowinfo and
+    scope only when given)."""
+    return json.dumps(wire, sort_keys=True)
 
 
 def wire_of(family: int, sockaddr: Any) -> WireAddress:
