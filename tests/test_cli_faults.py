@@ -148,3 +148,21 @@ def test_a_lifespan_startup_that_never_completes_times_out_and_fails_the_cli() -
     assert "could not start serving" in proc.stderr
     assert proc.stderr.count("forked") == 2, proc.stderr
     assert time.monotonic() - t0 < 10
+
+
+def test_a_worker_terminated_from_outside_is_replaced_and_leaving_is_never_exit_0(
+        fastcluster_server: Any) -> None:
+    server = fastcluster_server("cli_apps:wsgi_app", workers=2)
+    first = server.worker_pids()
+    os.kill(first[0], signal.SIGTERM)  # not asked by the primary: gunicorn keeps the count
+    assert wait_until(lambda: len(server.worker_pids()) == 2
+                      and first[0] not in server.worker_pids(), 5.0), server.log()
+    assert first[1] in server.worker_pids()
+    assert server.stop() == 0
+    # with respawn off, the workers leaving stops the CLI: with status 1, saying why
+    server = fastcluster_server("cli_apps:wsgi_app", workers=2, args=("--respawn", "false"))
+    for pid in server.worker_pids():
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: server.process.poll() is not None, 10.0), server.log()
+    assert server.process.returncode == 1
+    assert "every worker left" in server.log()

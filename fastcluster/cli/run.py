@@ -232,6 +232,7 @@ def run(settings: dict[str, Any]) -> int:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
                               allowed_addresses=[address],  # workers listen on --bind only
                               respawn=settings["respawn"],
+                              keep_count=True,  # a worker SIGTERMed from outside is replaced
                               respawn_delay=settings["respawn_delay"],
                               respawn_delay_max=settings["respawn_delay_max"],
                               respawn_stable=settings["respawn_stable"],
@@ -282,5 +283,11 @@ def run(settings: dict[str, Any]) -> int:
         for server in servers:
             with contextlib.suppress(Exception):
                 server.close()
+    if lifecycle.boot_failed:
+        return 1
+    if getattr(_role.primary(), "_shutdown", None) is None:  # no signal asked us to stop
+        log.error("fastcluster: primary pid %d: every worker left and none was replaced "
+                  "(--respawn false?); stopping with status 1", os.getpid())
+        return 1
     log.info("fastcluster: primary pid %d stopped", os.getpid())
-    return 1 if lifecycle.boot_failed else 0
+    return 0

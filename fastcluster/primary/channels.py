@@ -156,6 +156,7 @@ class Channels:
                 if self.registry is not None:
                     self.registry.unlisten(proc.slot, int(frame["lid"]))
             elif t == "disconnecting":
+                proc.left = proc.left or not w.exited_after_disconnect  # nobody asked
                 w.exited_after_disconnect = True
                 if self.registry is not None:
                     self.registry.drop_worker(proc.slot)

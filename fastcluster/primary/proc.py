@@ -26,4 +26,5 @@ class Proc:
         self.partial_timer: Timer | None = None  # armed while a partial frame is buffered
         self.partial_mark = 0  # frames decoded when it was armed
         self.given: set[str] = set()  # addresses we answered its listen requests with
+        self.left = False  # it disconnected on its own (SIGTERM from outside, say)
         self.dead = False

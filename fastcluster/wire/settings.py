@@ -44,6 +44,7 @@ class Settings:
     # themselves, see primary/bindguard.py); stored as registry keys
     allowed_addresses: tuple[Any, ...] | None = None
     respawn: bool = True  # replace workers that exit without being asked (in run())
+    keep_count: bool = False  # respawn also replaces a worker that disconnected on its own
     respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
     respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
@@ -273,6 +274,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "gid": _user,
     "allowed_addresses": allowed_keys,
     "respawn": _bool,
+    "keep_count": _bool,
     "graceful_timeout": _positive_float,
     "timeout": _hang_timeout,
     "window": _int_range(1, 65536),
