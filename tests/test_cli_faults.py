@@ -166,3 +166,102 @@ def test_a_worker_terminated_from_outside_is_replaced_and_leaving_is_never_exit_
     assert wait_until(lambda: server.process.poll() is not None, 10.0), server.log()
     assert server.process.returncode == 1
     assert "every worker left" in server.log()
+
+
+def _fake_primary(path: Path, doc: dict[str, Any]) -> Any:
+    """A status socket at path answering doc once per client (a thread)."""
+    import json
+    import socket
+    import threading
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    srv.settimeout(10)
+
+    def serve() -> None:
+        try:
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.sendall(json.dumps(doc).encode())
+        except OSError:
+            return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the socket")
+def test_status_trusts_only_its_own_sockets_and_strips_terminal_escapes(
+        tmp_path: Path) -> None:
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    doc = {"version": 1, "primary": {"pid": os.getpid(), "uptime": 1.0, "policy": "rr",
+                                     "app": "x:app" + evil, "interface": "wsgi",
+                                     "addresses": [["127.0.0.1", 1]], "workers": 1,
+                                     "restarts": 0, "rss": 1, "dispatcher": {}},
+           "workers": [{"id": 1, "pid": 2, "state": "listening" + evil, "uptime": 1.0}]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sock = run_dir / f"fastcluster-{os.getpid()}.sock"
+    srv = _fake_primary(sock, doc)
+    try:
+        os.chown(sock, 65534, 65534)  # another user's socket where ours would be
+        env = cli_env(XDG_RUNTIME_DIR=str(run_dir))
+        out = cli("status", env=env)
+        assert out.returncode == 1, out
+        assert "owned by uid 65534" in out.stderr, out.stderr
+        os.chown(sock, 0, 0)
+        out = cli("status", env=env)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout, repr(out.stdout)
+        assert "x:app" in out.stdout and "listening" in out.stdout
+    finally:
+        srv.close()
+
+
+def test_default_status_path_is_private_and_another_users_file_cannot_stop_it(
+        tmp_path: Path) -> None:
+    import json
+    import stat as st
+    import subprocess
+    import sys
+
+    from test_cli import TESTS
+
+    import shutil
+    import tempfile
+
+    fake_tmp = Path(tempfile.mkdtemp(prefix="fc-t-", dir="/tmp"))  # short: sun_path
+    fake_tmp.chmod(0o1777)
+    squat = fake_tmp / f"fastcluster-{os.geteuid()}"  # another user got there first
+    squat.mkdir()
+    if os.geteuid() == 0:
+        os.chown(squat, 65534, 65534)
+    else:
+        squat.chmod(0o755)
+    env = cli_env(TMPDIR=str(fake_tmp))
+    env.pop("XDG_RUNTIME_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fastcluster", "run", "cli_apps:wsgi_app",
+                             "--workers", "1", "--bind", "127.0.0.1:0"], cwd=TESTS, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            out = cli("status", "--json", env=env)
+            if out.returncode == 0 and json.loads(out.stdout)["workers"]:
+                break
+            time.sleep(0.1)
+        assert out is not None and out.returncode == 0, out
+        found = [p for p in fake_tmp.glob("fastcluster-*/fastcluster-*.sock")]
+        assert len(found) == 1 and found[0].parent != squat, found
+        info = found[0].parent.stat()
+        assert info.st_uid == os.geteuid() and st.S_IMODE(info.st_mode) == 0o700
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+        shutil.rmtree(fake_tmp, ignore_errors=True)
+    assert proc.returncode == 0, err

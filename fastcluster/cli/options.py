@@ -255,7 +255,8 @@ OPTIONS: tuple[Option, ...] = (
            "logging level", "LEVEL"),
     Option("status_socket", _text, "",
            "Unix socket (mode 0600) where the primary serves `fastcluster status` "
-           "(default: $XDG_RUNTIME_DIR or /tmp, fastcluster-<pid>.sock; 'off': none)",
+           "(default: fastcluster-<pid>.sock in $XDG_RUNTIME_DIR, else in a 0700 "
+           "directory of ours, /tmp/fastcluster-<uid>; 'off': none)",
            "PATH"),
     Option("metrics", _metrics, "",
            "serve Prometheus metrics at http://HOST:PORT/metrics from the primary "

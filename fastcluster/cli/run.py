@@ -34,7 +34,8 @@ from typing import Any
 import fastcluster as cluster
 
 from .. import _role, asgi, wsgi
-from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
+from ..primary.rundir import default_socket_path
+from ..primary.status import MetricsServer, Snapshot, StatusServer
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
 from .options import parse_bind
 

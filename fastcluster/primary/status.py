@@ -74,13 +74,6 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
-def default_socket_path(pid: int | None = None) -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    if not os.path.isdir(base):
-        base = "/tmp"
-    return os.path.join(base, f"fastcluster-{os.getpid() if pid is None else pid}.sock")
-
-
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm") as f:
