@@ -106,10 +106,11 @@ def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
 def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
           lifespan: str = "auto", access_log: bool = False, timeout_keep_alive: int = 5,
           backlog: int | None = None, ssl: _ssl.SSLContext | None = None,
-          **uvicorn_options: Any) -> int:
+          startup_timeout: float | None = None, **uvicorn_options: Any) -> int:
     """Serves app on a cluster address until the worker is disconnected (or
-    SIGTERM); returns 0, or BOOT_ERROR if the lifespan startup failed or
-    the address could not be listened on. uvicorn_options go to uvicorn.Config."""
+    SIGTERM); returns 0, or BOOT_ERROR if the lifespan startup failed (or
+    did not complete within startup_timeout seconds, if given) or the
+    address could not be listened on. uvicorn_options go to uvicorn.Config."""
     require_uvicorn(http, loop)
     ev_loop = _loop_factory(loop)()
     asyncio.set_event_loop(ev_loop)
@@ -117,7 +118,7 @@ def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
         return ev_loop.run_until_complete(_serve(
             app, address, http=http, lifespan=lifespan, access_log=access_log,
             timeout_keep_alive=timeout_keep_alive, backlog=backlog, ssl=ssl,
-            options=uvicorn_options))
+            startup_timeout=startup_timeout, options=uvicorn_options))
     finally:
         with contextlib.suppress(Exception):
             ev_loop.run_until_complete(ev_loop.shutdown_asyncgens())
@@ -127,7 +128,7 @@ def serve(app: Any, address: Any, *, http: str = "auto", loop: str = "auto",
 
 async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log: bool,
                  timeout_keep_alive: int, backlog: int | None, ssl: _ssl.SSLContext | None,
-                 options: dict[str, Any]) -> int:
+                 startup_timeout: float | None, options: dict[str, Any]) -> int:
     import uvicorn
     from uvicorn.lifespan.off import LifespanOff
     from uvicorn.lifespan.on import LifespanOn
@@ -138,7 +139,12 @@ async def _serve(app: Any, address: Any, *, http: str, lifespan: str, access_log
                             **options)
     config.load()
     life: Any = LifespanOff(config) if lifespan == "off" else LifespanOn(config)
-    await life.startup()
+    try:
+        await asyncio.wait_for(life.startup(), startup_timeout)
+    except asyncio.TimeoutError:
+        log.error("fastcluster: worker pid %s: the app's lifespan startup did not complete "
+                  "within %g s (ready_timeout)", os.getpid(), startup_timeout)
+        return BOOT_ERROR
     if life.should_exit:
         log.error("fastcluster: worker pid %s: the app's lifespan startup failed",
                   os.getpid())

@@ -97,3 +97,10 @@ def wsgi_probe(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     }).encode()
     start_response("200 OK", [*headers, ("Content-Length", str(len(out)))])
     return [out]
+
+
+async def hanging_startup(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A lifespan startup that never completes (a database that never answers)."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await asyncio.sleep(3600)

@@ -170,3 +170,35 @@ def test_worker_out_of_fds_hands_on_its_connections_and_is_replaced(
     print(f"worker EMFILE: 80 idle connections, 100 requests while degraded, "
           f"{sum(not ok for ok, _ in degraded)} failed; primary CPU over 1 s "
           f"{quiet_cpu:.3f} s")
+
+
+TINY_RSS = HTTP_SERVER + """
+import time
+
+if cluster.is_primary:
+    cluster.setup_primary(max_rss=1 << 20)  # 1 MiB: every fresh worker is over it
+    cluster.on("fork", lambda w: print("fork", w.id, flush=True))
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+else:
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_max_rss_below_a_fresh_worker_warns_and_backs_off(tmp_path: Path,
+                                                          env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, TINY_RSS), dict(env, PORT=str(port))) as r:
+        r.wait_for("fork 2", timeout=10)
+        time.sleep(6.0)
+        ok, _by = request(port)
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=20)
+    forks = [ln for ln in out if ln.startswith("fork ")]
+    assert ok
+    assert len(forks) <= 6, f"{len(forks)} forks in 6 s:\n" + "\n".join(out)
+    logged = "\n".join(out)
+    assert "already over max_rss" in logged, logged
+    assert "is below the primary's own" in logged, logged
+    print(f"max_rss 1 MiB: {len(forks)} forks in 6 s")

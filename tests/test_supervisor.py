@@ -624,7 +624,8 @@ def work():
     cluster.run()
 
 if cluster.is_primary:
-    cluster.setup_primary(target=work, uid="nobody")
+    # a privileged port for workers with other credentials: listed (issue 17 item 3)
+    cluster.setup_primary(target=work, uid="nobody", allowed_addresses=[("127.0.0.1", PORT)])
     cluster.on("message", lambda w, m: print("ids", json.dumps(m), flush=True))
 """
 

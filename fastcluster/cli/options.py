@@ -204,13 +204,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("group", _text, "", "run the workers with this group (name or id)", "GROUP"),
     Option("backlog", _int_range(1, 65535), 511, "listen() backlog", "N"),
     Option("respawn", _bool, True, "replace workers that exit unasked", "BOOL"),
+    Option("respawn_delay", _seconds, 0.1,
+           "seconds before replacing a worker that died young (a crash loop); doubles "
+           "with each young death in a row", "S"),
+    Option("respawn_delay_max", _seconds, 30.0, "the most that delay grows to", "S"),
+    Option("respawn_stable", _seconds, 10.0,
+           "a worker that lived this long is replaced at once and ends a crash streak", "S"),
     Option("access_log", _bool, False, "log one line per request (--access-log-format)",
            "BOOL"),
     Option("log_level", _choice(*flag_groups.LOG_LEVELS), "info",
            "logging level (trace: debug, and uvicorn's trace lines)", "LEVEL"),
     Option("status_socket", _text, "",
            "Unix socket (mode 0600) where the primary serves `fastcluster status` "
-           "(default: $XDG_RUNTIME_DIR or /tmp, fastcluster-<pid>.sock; 'off': none)",
+           "(default: fastcluster-<pid>.sock in $XDG_RUNTIME_DIR, else in a 0700 "
+           "directory of ours, /tmp/fastcluster-<uid>; 'off': none)",
            "PATH"),
     Option("metrics", _metrics, "",
            "serve Prometheus metrics at http://HOST:PORT/metrics from the primary "

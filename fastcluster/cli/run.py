@@ -35,21 +35,19 @@ from typing import Any
 import fastcluster as cluster
 
 from .. import _role, asgi, wsgi
-from ..primary.status import MetricsServer, Snapshot, StatusServer, default_socket_path
+from ..primary.rundir import default_socket_path
+from ..primary.status import MetricsServer, Snapshot, StatusServer
 from . import access, logs
 from .app import BOOT_ERROR, AppError, add_app_dir, check_in_child, import_app, interface_of
 from .bind import BindError, Bindings, open_bindings
 from .options import BY_NAME, parse_bind
 from .reload import Reloader, ReloadError
+from .tls import tls_context
 
 log = logging.getLogger("fastcluster")
 
 WS_SETTINGS = ("ws", "ws_max_size", "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
                "ws_per_message_deflate")
-CERT_REQS = {"0": ssl.CERT_NONE, "none": ssl.CERT_NONE, "1": ssl.CERT_OPTIONAL,
-             "optional": ssl.CERT_OPTIONAL, "2": ssl.CERT_REQUIRED,
-             "required": ssl.CERT_REQUIRED}
-
 
 @dataclasses.dataclass
 class WorkerPlan:
@@ -71,7 +69,6 @@ def worker_main() -> None:
     plan = _plan
     if plan is None:
         raise RuntimeError("fastcluster run: the worker has no plan (start method 'fork' only)")
-    s = plan.settings
     app = plan.app
     if app is None:
         try:
@@ -79,6 +76,22 @@ def worker_main() -> None:
         except AppError as e:
             log.error("fastcluster: worker pid %d: %s", os.getpid(), e)
             raise SystemExit(BOOT_ERROR) from None
+    try:
+        code = _serve_in_worker(plan, app)
+    except Exception:
+        rt = _role.runtime
+        if rt is not None and rt.worker.state == "listening":
+            raise  # a crash while serving: the supervisor's respawn and backoff
+        # before serving (a lazy import the worker's --user cannot read, say): the
+        # same for every worker, so a boot error, not a crash loop
+        log.exception("fastcluster: worker pid %d could not start serving", os.getpid())
+        raise SystemExit(BOOT_ERROR) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _serve_in_worker(plan: WorkerPlan, app: Any) -> int:
+    s = plan.settings
     logged = logs.access_on(s)
     # both interfaces run on uvicorn's HTTP/1.1 protocols (WSGI through a2wsgi)
     http = {"http": plan.http, "loop": s["loop"], "timeout_keep_alive": s["timeout_keep_alive"],
@@ -90,16 +103,14 @@ def worker_main() -> None:
     if plan.interface == "asgi":
         if logged:
             app = access.AsgiAccessLog(app, s["access_log_format"])
-        code = asgi.serve(app, plan.address, lifespan=s["lifespan"], access_log=False,
-                          backlog=s["backlog"], **http, **_ws_options(s))
-    else:
-        if logged:
-            app = access.wsgi_access_log(app, s["access_log_format"])
-        code = wsgi.serve(app, plan.address, threads=s["threads"],
-                          client_timeout=s["client_timeout"], access_log=False,
-                          backlog=s["backlog"], **http)
-    if code:
-        raise SystemExit(code)
+        return asgi.serve(app, plan.address, lifespan=s["lifespan"], access_log=False,
+                          backlog=s["backlog"], startup_timeout=s["ready_timeout"], **http,
+                          **_ws_options(s))
+    if logged:
+        app = access.wsgi_access_log(app, s["access_log_format"])
+    return wsgi.serve(app, plan.address, threads=s["threads"],
+                      client_timeout=s["client_timeout"], access_log=False,
+                      backlog=s["backlog"], **http)
 
 
 def _ws_options(s: dict[str, Any]) -> dict[str, Any]:
@@ -113,36 +124,6 @@ def _ws_options(s: dict[str, Any]) -> dict[str, Any]:
 def _fail(message: str) -> int:
     print(f"fastcluster run: {message}", file=sys.stderr, flush=True)
     return 1
-
-
-def _tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
-    certfile, keyfile = settings["ssl_certfile"], settings["ssl_keyfile"]
-    if not certfile:
-        if keyfile:
-            raise ValueError("--ssl-keyfile needs --ssl-certfile")
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    password = settings["ssl_keyfile_password"]
-    try:
-        ctx.load_cert_chain(certfile, keyfile or None, password or None)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"--ssl-certfile {certfile!r}"
-                         + (f" / --ssl-keyfile {keyfile!r}" if keyfile else "")
-                         + f": cannot load the certificate and key: {e}") from None
-    ctx.verify_mode = CERT_REQS[settings["ssl_cert_reqs"]]
-    if settings["ssl_ca_certs"]:
-        try:
-            ctx.load_verify_locations(settings["ssl_ca_certs"])
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"--ssl-ca-certs {settings['ssl_ca_certs']!r}: cannot load "
-                             f"the CA certificates: {e}") from None
-    if "ssl_ciphers" in settings["given"]:
-        try:
-            ctx.set_ciphers(settings["ssl_ciphers"])
-        except ssl.SSLError as e:
-            raise ValueError(f"--ssl-ciphers {settings['ssl_ciphers']!r}: no cipher "
-                             f"matches it (an OpenSSL cipher list): {e}") from None
-    return ctx
 
 
 def _id_or_name(text: str) -> int | str | None:
@@ -273,7 +254,7 @@ def _prepare(settings: dict[str, Any]) -> tuple[str, Any, Any, Any]:
                          settings["ws"] if interface == "asgi" else "none")
     http = _protocol(settings)
     access.check_format(settings["access_log_format"])
-    return interface, app, http, _tls_context(settings)
+    return interface, app, http, tls_context(settings)
 
 
 def run(settings: dict[str, Any]) -> int:
@@ -317,7 +298,12 @@ def _serve(settings: dict[str, Any], interface: str, app: Any, http: Any, tls: A
             return _fail(str(e))
     try:
         cluster.setup_primary(target=worker_main, policy=settings["policy"],
+                              allowed_addresses=list(addresses),  # workers listen on --bind only
                               respawn=settings["respawn"],
+                              keep_count=True,  # a worker SIGTERMed from outside is replaced
+                              respawn_delay=settings["respawn_delay"],
+                              respawn_delay_max=settings["respawn_delay_max"],
+                              respawn_stable=settings["respawn_stable"],
                               graceful_timeout=settings["graceful_timeout"],
                               backlog=settings["backlog"], health=settings["health"] or None,
                               drain_delay=settings["drain_delay"],
@@ -382,5 +368,11 @@ def _serve(settings: dict[str, Any], interface: str, app: Any, http: Any, tls: A
                 server.close()
         if pid_file is not None:
             pid_file.remove()
+    if lifecycle.boot_failed:
+        return 1
+    if getattr(_role.primary(), "_shutdown", None) is None:  # no signal asked us to stop
+        log.error("fastcluster: primary pid %d: every worker left and none was replaced "
+                  "(--respawn false?); stopping with status 1", os.getpid())
+        return 1
     log.info("fastcluster: primary pid %d stopped", os.getpid())
-    return 1 if lifecycle.boot_failed else 0
+    return 0

@@ -6,9 +6,14 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
+import tempfile
 import time
+import unicodedata
 from typing import Any
+
+from ..primary.rundir import search_dirs
 
 SOCKET_ENV = "FASTCLUSTER_STATUS_SOCKET"
 COLUMNS = (("ID", "id", 4), ("PID", "pid", 8), ("STATE", "state", 10), ("UPTIME", "uptime", 8),
@@ -71,18 +76,43 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(head)
 
 
+def _printable(text: str) -> str:
+    """text without control or format characters (terminal escapes, bidi
+    overrides): a primary's answer is data, not commands for the terminal."""
+    return "".join(c if unicodedata.category(c)[0] != "C" else "?" for c in text)
+
+
+def clean(doc: Any) -> Any:
+    """doc with every string (keys too) made printable."""
+    if isinstance(doc, str):
+        return _printable(doc)
+    if isinstance(doc, dict):
+        return {clean(k): clean(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [clean(v) for v in doc]
+    return doc
+
+
 def pick_socket(given: str | None) -> str:
-    """--socket, else $FASTCLUSTER_STATUS_SOCKET, else the one live primary found."""
+    """--socket, else $FASTCLUSTER_STATUS_SOCKET, else the one live primary
+    found whose socket belongs to the caller or root (another user's socket
+    in our place could answer anything)."""
     path = given or os.environ.get(SOCKET_ENV)
     if path:
         return path
-    found = find_sockets()
+    me = os.geteuid()
+    candidates = find_sockets()
+    found = [p for p in candidates if socket_owner(p) in (me, 0)]
     if len(found) == 1:
         return found[0]
+    if not found and candidates:
+        raise LookupError("not trusting " + ", ".join(
+            f"{p} (owned by uid {socket_owner(p)})" for p in candidates)
+            + f": only sockets of uid {me} or root are read without --socket")
     if not found:
         raise LookupError("no running fastcluster primary found (looked for "
-                          "fastcluster-<pid>.sock in $XDG_RUNTIME_DIR and /tmp); "
-                          "give --socket PATH")
+                          "fastcluster-<pid>.sock in $XDG_RUNTIME_DIR and "
+                          f"{tempfile.gettempdir()}/fastcluster-{me}); give --socket PATH")
     raise LookupError("several fastcluster primaries are running; give --socket with one of: "
                       + ", ".join(found))
 
@@ -101,7 +131,7 @@ def main(socket_path: str | None, as_json: bool, watch: bool, interval: float,
         except (OSError, ValueError) as e:
             print(f"fastcluster status: cannot read {path}: {e}", file=sys.stderr)
             return 1
-        out = json.dumps(doc, indent=None if watch else 2) if as_json else render(doc)
+        out = json.dumps(doc, indent=None if watch else 2) if as_json else render(clean(doc))
         if watch and not as_json and sys.stdout.isatty():
             sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: like top
         print(out, flush=True)
@@ -135,16 +165,27 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def find_sockets() -> list[str]:
-    """Status sockets of live primaries in the default place: $XDG_RUNTIME_DIR,
-    else (or if none is there) /tmp."""
-    for base in dict.fromkeys(filter(None, (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"))):
-        found = []
-        with contextlib.suppress(OSError):
-            for name in sorted(os.listdir(base)):
-                pid = name[len("fastcluster-"):-len(".sock")]
-                if (name.startswith("fastcluster-") and name.endswith(".sock")
-                        and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
-                    found.append(os.path.join(base, name))
+    """Status sockets of live primaries in the default places (primary/rundir.py):
+    $XDG_RUNTIME_DIR, else (or if none is there) our directories under the
+    temp dir. pick_socket checks who owns each (socket_owner)."""
+    for bases in search_dirs():
+        found: list[str] = []
+        for base in bases:
+            with contextlib.suppress(OSError):
+                for name in sorted(os.listdir(base)):
+                    pid = name[len("fastcluster-"):-len(".sock")]
+                    if (name.startswith("fastcluster-") and name.endswith(".sock")
+                            and pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                        found.append(os.path.join(base, name))
         if found:
             return found
     return []
+
+
+def socket_owner(path: str) -> int | None:
+    """The uid owning the socket at path (lstat: a symlink is not one)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_uid if stat.S_ISSOCK(st.st_mode) else None

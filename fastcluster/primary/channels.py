@@ -24,6 +24,7 @@ from ..wire.errors import ClusterError, ProtocolError
 from ..wire.frames import Frame, encode, encode_message
 from ..wire.handle import Worker
 from ..wire.settings import Settings
+from .bindguard import BindGuard
 
 if TYPE_CHECKING:
     from .._core import CounterTable, Dispatcher
@@ -41,6 +42,7 @@ class Channels:
     """The primary's end of each worker's control channel, and the Worker handle's backend."""
 
     MAX_BAD_FRAMES = 16  # undecodable frames tolerated from one worker
+    _guard: tuple[Any, BindGuard] | None = None  # for the settings it was made of
     SEND_HIGH_WATER = 1 << 20  # queued bytes to a worker above which send() says False
 
     # the loop's state this part uses (set in Primary.__init__, primary/loop.py)
@@ -67,6 +69,31 @@ class Channels:
             self._frames(proc)
             if not alive:
                 self._channel_closed(proc)
+            else:
+                self._watch_partial(proc)
+
+    def _watch_partial(self, proc: Proc) -> None:
+        """A frame begun and not finished is bounded in size (max_frame) and
+        in time: frame_timeout after it began, a worker that did not finish
+        it is killed as for garbage (it holds our memory, or is wedged)."""
+        chan = proc.chan
+        if chan is None or proc.partial_timer is not None or not chan.decoder.buffered:
+            return
+        proc.partial_mark = chan.decoder.completed
+        timeout = self.config().frame_timeout
+
+        def check() -> None:
+            proc.partial_timer = None
+            c = proc.chan
+            if c is None or proc.dead or not c.decoder.buffered:
+                return
+            if c.decoder.completed != proc.partial_mark:  # progress: a newer frame
+                self._watch_partial(proc)
+                return
+            self._bad_frame(proc, f"a partial frame ({c.decoder.buffered} bytes) was not "
+                            f"finished within frame_timeout ({timeout:g} s)", fatal=True)
+
+        proc.partial_timer = self._timers.call_later(timeout, check)
 
     def _frames(self, proc: Proc) -> None:
         while proc.chan is not None:
@@ -115,6 +142,11 @@ class Channels:
                 self._on_listen(proc, frame)
             elif t == "listening":
                 address = _address.from_wire(frame["address"])
+                if _address.key_text(frame["address"]) not in proc.given:
+                    # a rolling restart waits for each address the old worker
+                    # listens on: a made-up one would make every SIGHUP fail
+                    raise ValueError(f"it claims to listen on {frame['address']!r}, an "
+                                     "address the primary did not give it")
                 w.state = "listening"
                 w.emit("listening", address)
                 self.events.emit("listening", w, address)
@@ -124,6 +156,7 @@ class Channels:
                 if self.registry is not None:
                     self.registry.unlisten(proc.slot, int(frame["lid"]))
             elif t == "disconnecting":
+                proc.left = proc.left or not w.exited_after_disconnect  # nobody asked
                 w.exited_after_disconnect = True
                 if self.registry is not None:
                     self.registry.drop_worker(proc.slot)
@@ -149,9 +182,19 @@ class Channels:
                                      "strerror": str(e)}
         else:
             _t, _d, registry = self._ensure_core()
-            reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy)
+            reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy,
+                                         self._bind_guard())
         reply["req"] = req
+        if reply.get("t") == "listen_ok":
+            proc.given.add(_address.key_text(reply["address"]))
         self._send(proc, encode(reply), fds)
+
+    def _bind_guard(self) -> BindGuard:
+        cfg = self.config()
+        key = (cfg.allowed_addresses, cfg.uid, cfg.gid)
+        if self._guard is None or self._guard[0] != key:
+            self._guard = (key, BindGuard(*key))
+        return self._guard[1]
 
     def _send(self, proc: Proc, data: bytes, fds: list[int] | None = None) -> bool:
         chan = proc.chan
@@ -186,6 +229,9 @@ class Channels:
         if chan is None:
             return
         proc.chan = None
+        if proc.partial_timer is not None:
+            proc.partial_timer.cancel()
+            proc.partial_timer = None
         if self.dispatcher is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.dispatcher.unwatch(chan.fileno())
@@ -220,7 +266,7 @@ class Channels:
     # -- Worker backend ------------------------------------------------------
 
     def worker_send(self, worker: Worker, message: Any) -> bool:
-        data = encode_message(message)
+        data = encode_message(message, self.config().max_frame)
         proc = self._procs.get(worker.id)
         if proc is None or not self._send(proc, data):
             # Node: false, and an "error" event on the worker, from the loop

@@ -194,7 +194,7 @@ class Primary(Operations, Signals, Channels):
                 os._exit(code)
         data_w.close()
         ctl_w.close()
-        proc.chan = ControlSocket(ctl_p)
+        proc.chan = ControlSocket(ctl_p, max_frame=cfg.max_frame)
         dispatcher.watch(ctl_p.fileno(), worker.id, EPOLLIN)
         worker.pid = pid
         table.set_pid(slot, pid)

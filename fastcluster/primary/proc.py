@@ -23,4 +23,8 @@ class Proc:
         self.watching_out = False  # EPOLLOUT watched: output is queued
         self.bad_frames = 0
         self.kill_timer: Timer | None = None
+        self.partial_timer: Timer | None = None  # armed while a partial frame is buffered
+        self.partial_mark = 0  # frames decoded when it was armed
+        self.given: set[str] = set()  # addresses we answered its listen requests with
+        self.left = False  # it disconnected on its own (SIGTERM from outside, say)
         self.dead = False

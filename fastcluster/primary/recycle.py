@@ -19,6 +19,14 @@ set) reads, per worker:
 Each worker's request limit is max_requests plus a random 0..jitter drawn
 at its fork, so workers started together do not all recycle at once. After
 a replacement failed to boot, recycling waits _rolling.COOLDOWN seconds.
+
+A max_rss below what a fresh worker already uses would recycle forever (a
+fork every tick). So: a warning when max_rss is set below the primary's own
+RSS (a forked worker starts near it); and a worker over max_rss at its first
+check ("born over") is not recycled at once: it is logged, and such workers
+are recycled one per hold period, the hold doubling from HOLD_FIRST up to
+HOLD_MAX. A worker once seen under the limit that grows past it is recycled
+at the next check, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from .timers import Timer
@@ -40,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastcluster")
 
 CHECK_EVERY = 0.5  # seconds between checks
+HOLD_FIRST = 2.0  # seconds before recycling a worker that was over max_rss from its start
+HOLD_MAX = 300.0  # the hold doubles per such recycle up to this
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -74,6 +85,10 @@ class Recycler:
         self._limits: dict[int, int] = {}  # worker id -> its max_requests with jitter
         self._timer: Timer | None = None
         self._rng = random.Random()
+        self._under: set[int] = set()  # worker ids seen under max_rss at least once
+        self._hold = 0.0  # seconds: the current hold on recycling born-over workers
+        self._hold_until = 0.0  # monotonic time the hold ends
+        self._rss_checked = 0  # the max_rss value the start-up check was made for
 
     def on_spawn(self, proc: Proc) -> None:
         cfg = self.p.config()
@@ -84,9 +99,19 @@ class Recycler:
 
     def on_exit(self, proc: Proc) -> None:
         self._limits.pop(proc.worker.id, None)
+        self._under.discard(proc.worker.id)
 
     def arm(self) -> None:
         cfg = self.p.config()
+        if cfg.max_rss and cfg.max_rss != self._rss_checked:
+            self._rss_checked = cfg.max_rss
+            self._hold = self._hold_until = 0.0
+            own = rss_bytes(os.getpid())
+            if own is not None and own >= cfg.max_rss:
+                log.warning("fastcluster: max_rss (%d bytes) is below the primary's own "
+                            "resident memory (%d bytes); a forked worker starts about there, "
+                            "so it would be recycled as soon as it starts: raise max_rss",
+                            cfg.max_rss, own)
         if self._timer is None and (cfg.max_requests or cfg.max_rss):
             self._timer = self.p._timers.call_later(CHECK_EVERY, self._tick)
 
@@ -125,6 +150,28 @@ class Recycler:
                 return f"max_requests ({served} served, limit {limit})"
         if cfg.max_rss:
             rss = rss_bytes(proc.worker.pid)
-            if rss is not None and rss >= cfg.max_rss:
+            if rss is None:
+                return None
+            if rss < cfg.max_rss:
+                self._under.add(proc.worker.id)
+            elif proc.worker.id in self._under:
                 return f"max_rss ({rss} bytes resident, limit {cfg.max_rss})"
+            else:
+                return self._born_over(proc, rss, cfg.max_rss)
         return None
+
+    def _born_over(self, proc: Proc, rss: int, limit: int) -> str | None:
+        """A worker over max_rss since its start: recycle one per hold period."""
+        now = time.monotonic()
+        if now < self._hold_until:
+            return None
+        first = self._hold == 0.0
+        self._hold = HOLD_FIRST if first else min(self._hold * 2, HOLD_MAX)
+        self._hold_until = now + self._hold
+        log.warning("fastcluster: worker %d (pid %d) is already over max_rss at its start "
+                    "(%d bytes resident, limit %d): recycling cannot bring a fresh worker "
+                    "under it; raise max_rss. Such workers are recycled one per %.0f s",
+                    proc.worker.id, proc.worker.pid, rss, limit, self._hold)
+        if first:
+            return None
+        return f"max_rss ({rss} bytes resident since its start, limit {limit})"

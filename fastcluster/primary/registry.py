@@ -1,7 +1,10 @@
 """The primary's listening sockets: one per address, shared by its workers.
 
-Theory of operation: a worker's listen request names an address; the
-registry resolves it, binds it once (the first request's backlog wins) and
+Theory of operation: a worker's listen request names an address (a numeric
+one: the worker resolved any name); the registry resolves it without DNS,
+asks the BindGuard whether the primary may bind it for that worker
+(primary/bindguard.py: allowed_addresses, privileged ports, Unix paths as the
+worker), binds it once (the first request's backlog wins) and
 answers every later request for the same address, or for the real address a
 port-0 bind got, with the same socket, as Node does. How a worker then gets
 connections depends on the policy in force when the address was first bound:
@@ -33,6 +36,7 @@ from typing import Any
 from .._core import Dispatcher
 from ..wire import address as _address
 from . import systemd as _systemd
+from .bindguard import BindGuard
 
 log = logging.getLogger("fastcluster")
 
@@ -46,6 +50,7 @@ class Bound:
     lid: int = -1  # the dispatcher's listener id (mode "rr")
     slots: set[int] = field(default_factory=set)  # subscribed worker slots (mode "rr")
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a path we created
+    guard: BindGuard | None = None  # whose filesystem identity created (and unlinks) it
 
 
 def _shown(wire: Any) -> str:
@@ -63,11 +68,12 @@ class Registry:
         self._all: list[Bound] = []
         self.inherited: list[socket.socket] = []  # systemd's sockets, adopted by address
 
-    def listen(self, slot: int, wire: Any, backlog: int, policy: str
-               ) -> tuple[dict[str, Any], list[int]]:
+    def listen(self, slot: int, wire: Any, backlog: int, policy: str,
+               guard: BindGuard | None = None) -> tuple[dict[str, Any], list[int]]:
         """Handles one listen request; returns (reply fields, fds to pass)."""
+        guard = guard or BindGuard(None, None, None)
         try:
-            family, sockaddr = _address.resolve(wire)
+            family, sockaddr = _address.resolve(wire, numeric=True)
         except socket.gaierror as e:
             return {"t": "listen_err", "errno": e.errno, "gai": True,
                     "strerror": f"{e.strerror}: {_shown(wire)}"}, []
@@ -76,11 +82,21 @@ class Registry:
         key = _address.key_of(family, sockaddr)
         bound = self._by_key.get(key)
         if bound is None:
+            refusal = guard.refusal(family, sockaddr)
+            if refusal is not None:
+                return {"t": "listen_err", "errno": errno.EACCES,
+                        "strerror": f"{os.strerror(errno.EACCES)}: {_shown(wire)}: "
+                        f"{refusal}"}, []
             try:
-                bound = self._bind(family, sockaddr, backlog, policy)
+                bound = self._bind(family, sockaddr, backlog, policy, guard)
             except OSError as e:
+                why = ""
+                if e.errno == errno.EACCES and family == socket.AF_UNIX and \
+                        guard.other_credentials:
+                    why = (f" (bound as the workers' uid {guard.uid} / gid {guard.gid}: they "
+                           "need write and search permission on the directory)")
                 return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
-                        "strerror": f"{e.strerror or e}: {_shown(wire)}"}, []
+                        "strerror": f"{e.strerror or e}: {_shown(wire)}{why}"}, []
             self._by_key[key] = bound
             self._by_key[_address.key_of(family, bound.sock.getsockname())] = bound
             self._all.append(bound)
@@ -100,7 +116,8 @@ class Registry:
         reply["backlog"] = backlog  # reuseport: the worker binds and listens itself
         return reply, []
 
-    def _bind(self, family: int, sockaddr: Any, backlog: int, policy: str) -> Bound:
+    def _bind(self, family: int, sockaddr: Any, backlog: int, policy: str,
+              guard: BindGuard) -> Bound:
         mode = "rr" if policy in ("rr", "least") else policy
         if mode == "reuseport" and family == socket.AF_UNIX:
             mode = "shared"  # no SO_REUSEPORT for Unix sockets: share the one we bind
@@ -118,7 +135,8 @@ class Registry:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if mode == "reuseport":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(sockaddr)
+            with guard.as_worker(sockaddr):  # a Unix path: made as the worker would
+                sock.bind(sockaddr)
             inode = None
             if family == socket.AF_UNIX and isinstance(sockaddr, str) and \
                     not sockaddr.startswith("\0"):
@@ -127,7 +145,7 @@ class Registry:
             if mode != "reuseport":
                 sock.listen(backlog)
             wire = _address.wire_of(family, sock.getsockname())
-            bound = Bound(sock, family, mode, wire, unix_inode=inode)
+            bound = Bound(sock, family, mode, wire, unix_inode=inode, guard=guard)
             if mode == "rr":
                 bound.lid = self._dispatcher().add_listener(sock.fileno())
         except BaseException:
@@ -162,9 +180,12 @@ class Registry:
                     self._dispatcher().remove_listener(bound.lid)
             if unlink and bound.unix_inode is not None and isinstance(bound.wire, str):
                 try:
-                    st = os.stat(bound.wire)
-                    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == bound.unix_inode:
-                        os.unlink(bound.wire)
+                    with bound.guard.as_worker(bound.wire) if bound.guard else \
+                            contextlib.nullcontext():
+                        st = os.stat(bound.wire)
+                        if stat.S_ISSOCK(st.st_mode) and \
+                                (st.st_dev, st.st_ino) == bound.unix_inode:
+                            os.unlink(bound.wire)
                 except OSError:
                     pass
             bound.sock.close()

@@ -3,7 +3,9 @@
 Theory of operation: at reap, a worker that exits with respawn on, the
 cluster not stopping and its exit not asked for (kill(), disconnect(), a
 rolling restart, a shutdown) gets a replacement with the same fork(env=...)
-extras. A worker that lived `respawn_stable` seconds is replaced right there,
+extras. With `keep_count` (the CLI's), so does a worker that left on its own
+(SIGTERM from outside, its own disconnect()), as gunicorn keeps its count.
+A worker that lived `respawn_stable` seconds is replaced right there,
 inside the reap, with no timer in between: the replacement is forked within
 the same loop turn that saw the SIGCHLD. One that died younger goes through
 the crash-loop pacer (backoff.py): a timer with a growing delay, and a log
@@ -63,8 +65,11 @@ class Respawner:
 
     def on_exit(self, proc: Proc, code: int | None, signame: str | None) -> None:
         p = self.p
-        if not p.config().respawn or p._stopping or proc.worker.exited_after_disconnect:
+        cfg = p.config()
+        if not cfg.respawn or p._stopping:
             return
+        if proc.worker.exited_after_disconnect and not (cfg.keep_count and proc.left):
+            return  # asked to go (or it left and keep_count is off: Node's voluntary exit)
         lifetime = time.monotonic() - proc.started
         backoff = p._backoff
         delay = backoff.on_exit(lifetime, asked=False)

@@ -13,8 +13,14 @@ sent each worker; a snapshot reads them when a client asks.
                  sends can stall the primary. Removed at exit.
   MetricsServer  opt-in HTTP on TCP: GET /metrics answers the snapshot in
                  Prometheus' text format. Requests are read non-blocking,
-                 one small buffer per client, at most MAX_CLIENTS pending,
-                 each for at most CLIENT_TIMEOUT seconds.
+                 one small buffer per client, at most MAX_CLIENTS pending
+                 (one more drops the oldest), each for at most
+                 CLIENT_TIMEOUT seconds (a timer, so idle clients expire
+                 even when nothing new is accepted).
+
+Out of fds (EMFILE) either server leaves the epoll set for EMFILE_PAUSE
+seconds, as the health endpoint does: its listener stays readable, and a
+level-triggered retry would spin.
 
 Per-worker `restarts`: a worker forked to replace another inherits that
 worker's count plus one: a rolling step (SIGHUP, recycling) names the
@@ -31,6 +37,7 @@ import collections
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 import stat
@@ -46,11 +53,15 @@ if TYPE_CHECKING:
 
 from . import health as _health
 from .prometheus import prometheus_text
+from .timers import Timer, Timers
+
+log = logging.getLogger("fastcluster")
 
 RECV_MAX = 8192  # bytes of an HTTP request we read before answering
 MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive
 CLIENT_TIMEOUT = 5.0  # seconds a metrics client gets to send its request
 SNDBUF = 1 << 20  # a status answer is written at once: room for 256 workers
+EMFILE_PAUSE = 1.0  # seconds a server stops accepting when out of fds
 
 _open_servers: weakref.WeakSet[_Server] = weakref.WeakSet()
 
@@ -61,13 +72,6 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
-
-
-def default_socket_path(pid: int | None = None) -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    if not os.path.isdir(base):
-        base = "/tmp"
-    return os.path.join(base, f"fastcluster-{os.getpid() if pid is None else pid}.sock")
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -92,6 +96,8 @@ class Source(Protocol):
     def worker_stats(self) -> list[dict[str, Any]]: ...
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
     def remove_reader(self, fd: int) -> None: ...
+    @property
+    def _timers(self) -> Timers: ...
 
 
 class Snapshot:
@@ -192,6 +198,7 @@ class _Server:
         self.sock = sock
         self.snapshot = snapshot
         self.closed = False
+        self._paused: Timer | None = None
         _open_servers.add(self)
         snapshot.primary.add_reader(sock.fileno(), self._on_ready)
 
@@ -203,9 +210,28 @@ class _Server:
                 return
             except OSError as e:  # EMFILE and the like: not the primary's death
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(e)  # level-triggered: retrying now would spin
                     return
+                if e.errno == errno.ECONNABORTED:
+                    continue
                 raise
             self.on_client(conn)
+
+    def _pause(self, err: OSError) -> None:
+        if self._paused is not None or self.closed:
+            return
+        log.warning("fastcluster: %s cannot accept (%s); pausing %.1f s",
+                    type(self).__name__, err.strerror, EMFILE_PAUSE)
+        primary = self.snapshot.primary
+        fd = self.sock.fileno()
+        primary.remove_reader(fd)
+
+        def resume() -> None:
+            self._paused = None
+            if not self.closed:
+                primary.add_reader(fd, self._on_ready)
+
+        self._paused = primary._timers.call_later(EMFILE_PAUSE, resume)
 
     def on_client(self, conn: socket.socket) -> None:
         raise NotImplementedError
@@ -215,6 +241,9 @@ class _Server:
             return
         self.closed = True
         _open_servers.discard(self)
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
         if unlink:
             with contextlib.suppress(Exception):
                 self.snapshot.primary.remove_reader(self.sock.fileno())
@@ -284,21 +313,22 @@ class MetricsServer(_Server):
         except BaseException:
             sock.close()
             raise
-        self._clients: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        # by fd, oldest first: the socket, what it sent so far, its expiry timer
+        self._clients: dict[int, tuple[socket.socket, bytearray, Timer | None]] = {}
         super().__init__(sock, snapshot)
 
     def getsockname(self) -> Any:
         return self.sock.getsockname()
 
     def on_client(self, conn: socket.socket) -> None:
-        self._expire()
-        if len(self._clients) >= MAX_CLIENTS:
-            conn.close()
-            return
+        while len(self._clients) >= MAX_CLIENTS:  # the oldest idle one gives way
+            self._drop(next(iter(self._clients)))
         conn.setblocking(False)
         fd = conn.fileno()
-        self._clients[fd] = (conn, bytearray(), time.monotonic() + CLIENT_TIMEOUT)
-        self.snapshot.primary.add_reader(fd, lambda: self._on_request(fd))
+        primary = self.snapshot.primary
+        timer = primary._timers.call_later(CLIENT_TIMEOUT, lambda: self._drop(fd))
+        self._clients[fd] = (conn, bytearray(), timer)
+        primary.add_reader(fd, lambda: self._on_request(fd))
 
     def _on_request(self, fd: int) -> None:
         entry = self._clients.get(fd)
@@ -338,18 +368,14 @@ class MetricsServer(_Server):
         if entry is not None:
             with contextlib.suppress(Exception):
                 self.snapshot.primary.remove_reader(fd)
+            if entry[2] is not None:
+                entry[2].cancel()
             entry[0].close()
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for fd, (_c, _b, deadline) in list(self._clients.items()):
-            if now > deadline:
-                self._drop(fd)
 
     def close(self, unlink: bool = True) -> None:
         for fd in list(self._clients):
             if unlink:
                 self._drop(fd)
             else:
-                self._clients.pop(fd)[0].close()
+                self._clients.pop(fd)[0].close()  # a forked child: the timers are not its
         super().close(unlink)

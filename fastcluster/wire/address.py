@@ -3,12 +3,15 @@
 Theory of operation: a worker names an address as `socket` does: a
 (host, port) tuple (IPv4, IPv6 or a name), a 4-tuple for IPv6 scope, a str
 path for a Unix socket ("\\0name" for the abstract namespace), or a bare
-int port (all IPv4 interfaces). It travels to the primary as JSON (tuples
-become lists) and is resolved there, where the bind happens.
+int port (all IPv4 interfaces). The worker resolves a host name
+(numeric_wire), so it travels to the primary as JSON (tuples become lists)
+with a numeric host; the primary resolves it with AI_NUMERICHOST only (no
+DNS lookup in its loop) and binds it.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -55,19 +58,45 @@ def from_wire(wire: Any) -> Address:
     raise ValueError(f"not an address: {wire!r}")
 
 
-def resolve(wire: WireAddress) -> tuple[int, Any]:
-    """(family, sockaddr) to bind, in the primary. Raises socket.gaierror."""
+def resolve(wire: WireAddress, numeric: bool = False) -> tuple[int, Any]:
+    """(family, sockaddr) to bind. Raises socket.gaierror; with numeric (the
+    primary serving a worker's request), ValueError for a host name."""
     if isinstance(wire, str):
         return socket.AF_UNIX, wire
     host, port = wire[0], wire[1]
     if host == "":
         return socket.AF_INET, ("0.0.0.0", port)
-    if len(wire) == 4:
+    if len(wire) == 4 and not numeric:
         return socket.AF_INET6, (host, port, wire[2], wire[3])
-    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                               0, socket.AI_PASSIVE)
+    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if numeric else 0)
+    # an ASCII host goes as bytes: a str is IDNA-encoded first, and a worker
+    # dropped to a user who cannot read the stdlib may be unable to import that codec
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    try:
+        infos = socket.getaddrinfo(name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as e:
+        if numeric and e.errno == socket.EAI_NONAME:
+            raise ValueError(f"address: host {host!r} is not a numeric address (the worker "
+                             "resolves names before it asks the primary)") from None
+        raise
     family, _type, _proto, _canon, sockaddr = infos[0]
+    if len(wire) == 4 and family == socket.AF_INET6:
+        return int(family), (sockaddr[0], port, wire[2], wire[3])
     return int(family), sockaddr
+
+
+def numeric_wire(wire: WireAddress) -> WireAddress:
+    """In the worker: the wire address with its host resolved to a number
+    (the first address getaddrinfo gives, as the primary used to take).
+    Raises socket.gaierror naming the address."""
+    if isinstance(wire, str) or wire[0] == "":
+        return wire
+    try:
+        family, sockaddr = resolve(wire)
+    except socket.gaierror as e:
+        host = f"[{wire[0]}]" if ":" in str(wire[0]) else str(wire[0])
+        raise socket.gaierror(e.errno, f"{e.strerror}: {host}:{wire[1]}") from None
+    return wire_of(family, sockaddr)
 
 
 def family_of(address: Address) -> int:
@@ -83,6 +112,12 @@ def key_of(family: int, sockaddr: Any) -> tuple[Any, ...]:
     if family == socket.AF_INET6:
         return (family, sockaddr[0], sockaddr[1], sockaddr[3] if len(sockaddr) > 3 else 0)
     return (family, sockaddr[0], sockaddr[1])
+
+
+def key_text(wire: Any) -> str:
+    """A wire address as one comparable string (host, port; flowinfo and
+    scope only when given)."""
+    return json.dumps(wire, sort_keys=True)
 
 
 def wire_of(family: int, sockaddr: Any) -> WireAddress:
@@ -112,3 +147,33 @@ def parse_address(text: str) -> tuple[str, int]:
     if port > 65535 or any(c.isspace() for c in host):
         raise ValueError(text)
     return host, port
+
+
+def allowed_keys(name: str, value: Any) -> tuple[Any, ...] | None:
+    """The `allowed_addresses` setting: None, or addresses as listen() takes
+    them; hosts numeric or resolved here (setup_primary, not the loop).
+    Returns the registry keys of every address allowed."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"setting {name!r} must be a list of addresses ((host, port), a "
+                        f"port, or a Unix socket path) or None, got {value!r}")
+    keys: list[Any] = []
+    for item in value:
+        try:
+            wire = to_wire(item)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"setting {name!r}: {e}") from None
+        if isinstance(wire, str):
+            keys.append(key_of(socket.AF_UNIX, wire))
+            continue
+        host = "0.0.0.0" if wire[0] == "" else wire[0]
+        try:
+            infos = socket.getaddrinfo(host, wire[1], socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise ValueError(f"setting {name!r}: cannot resolve {item!r}: "
+                             f"{e.strerror}") from None
+        for family, _t, _p, _c, sockaddr in infos:
+            keys.append(key_of(int(family), sockaddr))
+    return tuple(dict.fromkeys(keys))

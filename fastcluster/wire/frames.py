@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-MAX_FRAME = 64 * 1024 * 1024  # bytes of JSON in one frame
+MAX_FRAME = 1 << 20  # bytes of JSON in one frame, by default (setting max_frame)
 HEADER = struct.Struct(">I")
 
 Frame = dict[str, Any]
@@ -75,6 +75,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
         self._broken: str | None = None
+        self.completed = 0  # frames decoded so far (a stalled partial frame leaves it be)
 
     @property
     def buffered(self) -> int:
@@ -106,6 +107,7 @@ class FrameDecoder:
                 start = self._pos + HEADER.size
                 body = bytes(self._buf[start:start + size])
                 self._pos = start + size
+                self.completed += 1
                 yield _decode_body(body)
         finally:
             if self._pos:

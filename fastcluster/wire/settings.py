@@ -20,7 +20,8 @@ import pwd
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .address import parse_address
+from .address import allowed_keys, parse_address
+from .frames import MAX_FRAME
 
 POLICIES = ("rr", "least", "shared", "reuseport")
 START_METHODS = ("fork", "spawn")
@@ -39,7 +40,11 @@ class Settings:
     silent: bool = False  # worker stdout/stderr to /dev/null
     uid: int | None = None  # dropped to in the worker after fork
     gid: int | None = None
+    # what the primary may bind for its workers (None: anything they could bind
+    # themselves, see primary/bindguard.py); stored as registry keys
+    allowed_addresses: tuple[Any, ...] | None = None
     respawn: bool = True  # replace workers that exit without being asked (in run())
+    keep_count: bool = False  # respawn also replaces a worker that disconnected on its own
     respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
     respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
@@ -56,6 +61,8 @@ class Settings:
     max_requests: int = 0  # recycle a worker after this many requests (0: off)
     max_requests_jitter: int = 0  # + random 0..jitter, so workers do not recycle in step
     max_rss: int = 0  # recycle a worker whose resident memory passes this many bytes (0: off)
+    max_frame: int = MAX_FRAME  # bytes of one control frame (message), either way
+    frame_timeout: float = 10.0  # seconds a worker may hold a partial frame, else it is killed
     # hooks (gunicorn's): callables or None; one that raises is logged, never fatal
     pre_fork: Callable[..., object] | None = None  # (worker), primary, before the fork
     post_fork: Callable[..., object] | None = None  # (worker), in the worker, after the fork
@@ -265,7 +272,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "silent": _bool,
     "uid": _user,
     "gid": _user,
+    "allowed_addresses": allowed_keys,
     "respawn": _bool,
+    "keep_count": _bool,
     "graceful_timeout": _positive_float,
     "timeout": _hang_timeout,
     "window": _int_range(1, 65536),
@@ -282,6 +291,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_requests": _int_range(0, 1 << 62),
     "max_requests_jitter": _int_range(0, 1 << 62),
     "max_rss": _int_range(0, 1 << 62),
+    "max_frame": _int_range(4096, 1 << 30),
+    "frame_timeout": _positive_float,
     "pre_fork": _target,
     "post_fork": _target,
     "worker_exit": _target,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -67,6 +68,7 @@ from .runtime import WorkerRuntime
 log = logging.getLogger("fastcluster")
 
 EXEC_FAILED = 127
+PR_SET_PDEATHSIG = 1
 
 
 def _exec_main(code: CodeType, path: str) -> None:
@@ -109,6 +111,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
     user's own group (from the password database) and its groups."""
     if uid is None and gid is None:
         return
+    parent = os.getppid()  # the primary: alive, or its death signal would have killed us
     user = None
     if uid is not None:
         with contextlib.suppress(KeyError):
@@ -130,6 +133,16 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
         raise PermissionError(
             e.errno, f"settings uid={uid!r} gid={gid!r}: the worker cannot switch to them "
             f"({e.strerror}; the primary runs as uid {os.geteuid()}: only root can)") from None
+    _die_with_parent_again(parent)
+
+
+def _die_with_parent_again(parent: int) -> None:
+    """The kernel clears PR_SET_PDEATHSIG on any change of credentials: set it
+    again after the switch, and check the primary did not die in between."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -249,7 +262,8 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
     os.environ.update(env)
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     channel = WorkerChannel(data.detach(), table, slot)
-    runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout)
+    runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout,
+                            cfg.max_frame)
     return run_worker(runtime, spec, settings)
 
 
@@ -283,7 +297,8 @@ def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_
     full_env.update(env)
     full_env[WORKER_ENV] = f"{worker_id}:{slot}:{ctl_fd}:{data_fd}:{table_fd}:{nslots}"
     full_env[BOOT_ENV] = json.dumps({"spec": spec.to_json(), "sys_path": sys.path,
-                                     "graceful_timeout": cfg.graceful_timeout})
+                                     "graceful_timeout": cfg.graceful_timeout,
+                                     "max_frame": cfg.max_frame})
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     # the directory that holds the fastcluster package (this is fastcluster/worker_side/boot.py)
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -307,7 +322,7 @@ def spawn_main() -> NoReturn:
         os.close(table_fd)  # the mapping stays
         channel = WorkerChannel(data_fd, table, slot)
         runtime = WorkerRuntime(worker_id, socket.socket(fileno=ctl_fd), Intake(channel),
-                                float(boot["graceful_timeout"]))
+                                float(boot["graceful_timeout"]), int(boot["max_frame"]))
         code = run_worker(runtime, MainSpec.from_json(boot["spec"]), {})
     except BaseException:
         traceback.print_exc()

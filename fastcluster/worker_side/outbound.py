@@ -97,6 +97,7 @@ class Outbound:
     ctl: ControlSocket
     exit_now: bool
     intake: Intake
+    max_frame: int
     state: str
     worker: Worker
 
@@ -111,7 +112,7 @@ class Outbound:
     # -- sending -------------------------------------------------------------
 
     def _send(self, frame: Frame, fds: list[int] | None = None) -> None:
-        self.ctl.send_blocking(encode(frame), fds)
+        self.ctl.send_blocking(encode(frame, self.max_frame), fds)
 
     def _send_quiet(self, frame: Frame) -> None:
         with contextlib.suppress(OSError):
@@ -194,7 +195,8 @@ class Outbound:
         if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
                                     or backlog < 0):
             raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
-        return {"t": "listen", "address": _address.to_wire(address), "backlog": backlog}
+        wire = _address.numeric_wire(_address.to_wire(address))  # no DNS in the primary
+        return {"t": "listen", "address": wire, "backlog": backlog}
 
     def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
         """Builds the Listener a listen reply describes (raises its error)."""
@@ -251,7 +253,7 @@ class Outbound:
     # -- Worker backend (cluster.worker) -------------------------------------
 
     def worker_send(self, worker: Worker, message: Any) -> bool:
-        data = encode_message(message)
+        data = encode_message(message, self.max_frame)
         if self.state == "disconnected" or self.ctl.closed:
             return False
         try:

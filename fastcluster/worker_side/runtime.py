@@ -46,7 +46,7 @@ from typing import Any
 
 from ..wire.channel import ControlSocket
 from ..wire.errors import ProtocolError
-from ..wire.frames import Frame
+from ..wire.frames import MAX_FRAME, Frame
 from ..wire.handle import Worker
 from ..wire.listener import Listener
 from . import heart as _heartbeat
@@ -67,9 +67,10 @@ class WorkerRuntime(Outbound):
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
-                 graceful_timeout: float) -> None:
+                 graceful_timeout: float, max_frame: int = MAX_FRAME) -> None:
         self.worker: Worker = OwnWorker(worker_id, self, os.getpid())
-        self.ctl = ControlSocket(ctl, accept_fds=True)
+        self.max_frame = max_frame  # the primary's setting: a bigger frame gets us killed
+        self.ctl = ControlSocket(ctl, accept_fds=True, max_frame=max_frame)
         self.intake = intake
         self.graceful_timeout = graceful_timeout
         self.state = "connected"  # -> "disconnecting" -> "disconnected"
