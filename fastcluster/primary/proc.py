@@ -24,3 +24,7 @@ class Proc:
         self.bad_frames = 0
         self.kill_timer: Timer | None = None
         self.dead = False
+        self.listens_ok = 0  # listen requests the primary granted it
+        self.listened = 0  # "listening" frames it sent for them
+        self.ready = False  # it listened on every address it asked for (respawn.py)
+        self.replaced = False  # its replacement was forked already (it left: fd limit)

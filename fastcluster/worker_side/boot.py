@@ -249,7 +249,7 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
     os.environ.update(env)
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     channel = WorkerChannel(data.detach(), table, slot)
-    runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout)
+    runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout, cfg.window)
     return run_worker(runtime, spec, settings)
 
 
@@ -283,7 +283,8 @@ def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_
     full_env.update(env)
     full_env[WORKER_ENV] = f"{worker_id}:{slot}:{ctl_fd}:{data_fd}:{table_fd}:{nslots}"
     full_env[BOOT_ENV] = json.dumps({"spec": spec.to_json(), "sys_path": sys.path,
-                                     "graceful_timeout": cfg.graceful_timeout})
+                                     "graceful_timeout": cfg.graceful_timeout,
+                                     "window": cfg.window})
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     # the directory that holds the fastcluster package (this is fastcluster/worker_side/boot.py)
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -307,7 +308,7 @@ def spawn_main() -> NoReturn:
         os.close(table_fd)  # the mapping stays
         channel = WorkerChannel(data_fd, table, slot)
         runtime = WorkerRuntime(worker_id, socket.socket(fileno=ctl_fd), Intake(channel),
-                                float(boot["graceful_timeout"]))
+                                float(boot["graceful_timeout"]), int(boot["window"]))
         code = run_worker(runtime, MainSpec.from_json(boot["spec"]), {})
     except BaseException:
         traceback.print_exc()

@@ -194,7 +194,29 @@ class Outbound:
         if backlog is not None and (not isinstance(backlog, int) or isinstance(backlog, bool)
                                     or backlog < 0):
             raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
-        return {"t": "listen", "address": _address.to_wire(address), "backlog": backlog}
+        wire = _address.to_wire(address)
+        if isinstance(wire, str) and not wire.startswith("\0"):
+            wire = os.path.abspath(wire)  # relative to this worker's cwd, as in Node
+        self.size_window()  # the worker's main may have lowered RLIMIT_NOFILE
+        return {"t": "listen", "address": wire, "backlog": backlog}
+
+    def size_window(self) -> None:
+        """Lowers the window to what this worker's free fds can take."""
+        budget = self.intake.budget
+        if budget is not None:
+            with self.intake.lock:
+                budget.count()
+                window = budget.window(self.intake.window)
+            self.limit_window(window)
+
+    def limit_window(self, window: int) -> None:
+        """At most window fds in flight to this worker from now (never raised):
+        the primary's dispatcher follows. Before a listen, so no batch comes
+        larger than that."""
+        before = self.intake.window
+        now = self.intake.limit_window(window)
+        if now < before:
+            self._send_quiet({"t": "intake", "window": now})
 
     def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
         """Builds the Listener a listen reply describes (raises its error)."""
@@ -221,6 +243,8 @@ class Outbound:
             for fd in fds[1:]:
                 os.close(fd)
             listener = SocketListener(socket.socket(fileno=fds[0]), self)
+            if family == socket.AF_UNIX:
+                listener._name = address  # absolute; the primary may have bound it relative
         else:
             for fd in fds:
                 os.close(fd)

@@ -50,6 +50,7 @@ from ..wire.frames import Frame
 from ..wire.handle import Worker
 from ..wire.listener import Listener
 from . import heart as _heartbeat
+from .fdbudget import FdBudget
 from .intake import Intake
 from .outbound import Outbound, OwnWorker, Waiter
 
@@ -67,7 +68,7 @@ class WorkerRuntime(Outbound):
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
-                 graceful_timeout: float) -> None:
+                 graceful_timeout: float, window: int = 128) -> None:
         self.worker: Worker = OwnWorker(worker_id, self, os.getpid())
         self.ctl = ControlSocket(ctl, accept_fds=True)
         self.intake = intake
@@ -99,12 +100,15 @@ class WorkerRuntime(Outbound):
         self._data_fd: int | None = None
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
+        intake.on_limit = lambda why: self.post("fd limit")
+        intake.budget, intake.window = FdBudget(), window  # fdbudget.py
 
     # -- life cycle (called by boot.py) -----------------------------------------
 
     def start(self) -> None:
         self._send({"t": "online", "pid": os.getpid()})
         self.worker.state = "online"
+        self.size_window()
         os.register_at_fork(after_in_child=self._forked_away)
         self._thread = threading.Thread(target=self._run, name="fastcluster-channel",
                                         daemon=True)
@@ -222,6 +226,13 @@ class WorkerRuntime(Outbound):
             # a primary with `respawn` replaces it.
             log.error("fastcluster: worker %d exits once its open connections finish",
                       self.worker.id)
+            self._begin_disconnect(by_primary=True)
+        elif word == "fd limit":
+            # channel handed back; the primary replaces us now; finish what we hold
+            log.error("fastcluster: worker %d is at its fd limit: it leaves, with %d "
+                      "connection(s) open; a replacement starts now", self.worker.id,
+                      self.pending())
+            self._send_quiet({"t": "leaving", "reason": "fd limit"})
             self._begin_disconnect(by_primary=True)
         elif word == "early":
             self._deliver(self._replay_early)
