@@ -97,6 +97,7 @@ class PoolWSGIServer(WSGIServer):
                  access_log: bool = False) -> None:
         super().__init__(address, RequestHandler, bind_and_activate=False)
         self.threads = threads
+        self.fastcluster_concurrency = threads  # listen_server: hold no more than the pool starts
         self.client_timeout = client_timeout
         self.access_log = access_log
         self.count_request = worker_request_counter()

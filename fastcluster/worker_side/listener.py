@@ -100,10 +100,14 @@ class IntakeListener(Listener):
 
 
 def server_concurrency(server: Any) -> int | None:
-    """How many connections a socketserver server starts at once: 1 if it
+    """How many connections a socketserver server starts at once: its
+    `fastcluster_concurrency` if it says (an int > 0: a pool's size), 1 if it
     serves each request inline (BaseServer.process_request, as HTTPServer
     and TCPServer do), None (no bound) if it hands them to threads or
     processes (ThreadingMixIn, ForkingMixIn, its own process_request)."""
+    said = getattr(server, "fastcluster_concurrency", None)
+    if isinstance(said, int) and not isinstance(said, bool) and said > 0:
+        return said
     process = getattr(type(server), "process_request", None)
     return 1 if process is socketserver.BaseServer.process_request else None
 
