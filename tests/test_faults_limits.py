@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from _faults import HTTP_SERVER, children, cpu_seconds, request, wait_until
 from _helpers import env, free_port, running, script  # noqa: F401
 
@@ -125,7 +127,7 @@ else:
     if os.environ["ROLE"] == "low":
         used = len(os.listdir("/proc/self/fd"))
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 12, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + int(os.environ["ROOM"]), hard))
     serve_http(int(os.environ["PORT"]))
 """
 
@@ -147,24 +149,26 @@ def _ask(sock: socket.socket) -> tuple[bool, str]:
     return (True, body.decode()) if body.isdigit() else (False, "empty")
 
 
+@pytest.mark.parametrize("room", [12, 60])
 def test_worker_at_its_fd_limit_loses_nothing_and_is_replaced_at_once(
-        tmp_path: Path, env: dict[str, str]) -> None:
-    # A worker whose main leaves it 12 free fds. It sizes its window to them
-    # (the primary sends it no batch it cannot hold), and when a window no
-    # longer fits it hands back what its channel holds and leaves: its
-    # replacement is forked at once, not when its idle connections end.
-    # Before: a batch cut short (EMSGSIZE) lost its connections, and the
-    # worker lingered with no replacement until graceful_timeout.
+        tmp_path: Path, env: dict[str, str], room: int) -> None:
+    # A worker whose main leaves it `room` free fds. It sizes its window to
+    # them (the primary sends it no batch it cannot hold; with 60, a window
+    # of 44 halved as the fds run out), and when what its channel holds no
+    # longer fits it hands that back and leaves: its replacement is forked
+    # at once, not when its idle connections end. Before: a batch cut short
+    # (EMSGSIZE) lost its connections, and the worker lingered with no
+    # replacement until graceful_timeout.
     path = script(tmp_path, WORKER_LOW)
     port = free_port()
     idle: list[socket.socket] = []
     try:
-        with running(path, dict(env, PORT=str(port))) as r:
+        with running(path, dict(env, PORT=str(port), ROOM=str(room))) as r:
             first = {int(ln.split()[2]): int(ln.split()[1]) for ln in r.wait_for("serving", 2)}
             low_pid, normal_pid = first[1], first[2]
             t0 = time.monotonic()
             # connections that never send: threads hold them, their fds stay open
-            for _ in range(150):  # paced, so that round robin reaches the low worker
+            for _ in range(room * 5 + 90):  # paced, so that round robin reaches the low one
                 idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
                 if any(ln.startswith("fork 3") for ln in r.seen) and len(idle) >= 40:
                     break
@@ -191,7 +195,7 @@ def test_worker_at_its_fd_limit_loses_nothing_and_is_replaced_at_once(
     lost = [why for ok, why in answers if not ok]
     assert not lost, (lost, text)
     served_low = sum(1 for ok, pid in answers if ok and pid == str(low_pid))
-    assert 1 <= served_low <= 12, served_low
+    assert 1 <= served_low <= room, served_low
     assert replaced_in < 5
     assert quiet_cpu < 0.05, quiet_cpu
     assert all(ok for ok, _ in after), after
@@ -200,6 +204,6 @@ def test_worker_at_its_fd_limit_loses_nothing_and_is_replaced_at_once(
     assert "worker out of fds" in text and "taking no more connections" in text
     assert "at its fd limit: it leaves" in text and "replacing it now" in text
     assert "EMSGSIZE" not in text and "did not fit" not in text
-    print(f"worker at its fd limit: {len(answers)} idle connections, {len(lost)} lost, the low worker "
+    print(f"worker at its fd limit ({room} free): {len(answers)} idle connections, {len(lost)} lost, the low worker "
           f"served {served_low} and was replaced in {replaced_in:.2f} s; primary CPU over "
           f"1 s {quiet_cpu:.3f} s")

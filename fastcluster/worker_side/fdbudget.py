@@ -1,26 +1,32 @@
-"""A worker's fd budget: can it receive the next batch of connections?
+"""A worker's fd budget: can it receive what its data channel holds?
 
 Theory of operation: a batch of fds (SCM_RIGHTS) that does not fit under the
 receiver's RLIMIT_NOFILE is cut short by the kernel (EMSGSIZE) and the fds
 that did not fit are lost; the primary closed its copies when it sent them.
-So the worker must never receive a batch it cannot hold. It tells the
-primary a window (at most that many fds in flight to it: the largest batch
-it can get) that fits in its free fds at start, and before each receive
-checks that a whole window still fits. Counting open fds exactly
-(/proc/self/fd) costs a directory read; it is done only when a cheap
-estimate (fds open at the last count + connections received and not yet
-closed since) says the limit is near. When a window no longer fits, the
-worker is at its limit: it hands back what its channel holds and leaves
-(intake.py, runtime.py).
+So the worker never receives a batch it cannot hold. It keeps its window
+(the most fds the primary has in flight to it, so the largest batch) within
+its free fds: sized when it starts and at each listen (its main may lower the
+limit), and lowered (halved) as connections use fds up. Before each receive
+the intake checks that the channel's content fits: while a whole window and
+SLACK fit by a cheap estimate (fds open at the last count + connections
+received and not yet closed since) nothing more is done; closer to the limit
+it counts exactly (/proc/self/fd) and asks the channel how many fds wait in
+it (FIONREAD: the queued bytes, 4 per fd for the fd's tag). When they do not
+fit, or no fd is free, the worker is at its limit: it hands back what its
+channel holds and leaves (intake.py, runtime.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
+import struct
+import termios
 
 RESERVE = 16  # fds left to the worker's own code (files, a database) when sizing the window
 SLACK = 32  # the estimate's margin: closer to the limit than this, count exactly
+TAG_BYTES = 4  # bytes of payload per fd in a batch (its listener id: csrc/fdpass.h)
 
 
 def open_fds(limit: int) -> int:
@@ -30,6 +36,16 @@ def open_fds(limit: int) -> int:
         return len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
     except OSError:
         return limit
+
+
+def queued_fds(fd: int) -> int:
+    """Fds waiting in a data channel (every message: SIOCINQ sums them on a
+    SOCK_SEQPACKET socket); on error, more than any window."""
+    try:
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 1 << 30
+    return int(struct.unpack("i", raw)[0]) // TAG_BYTES
 
 
 def soft_limit() -> int:
@@ -48,18 +64,24 @@ class FdBudget:
         self.limit = soft_limit()
         self.base = open_fds(self.limit) - self.held
 
-    def window(self, cap: int) -> int:
-        """The largest window that fits in the fds free now, leaving RESERVE."""
-        return max(1, min(cap, self.limit - self.base - self.held - RESERVE))
-
-    def room_for(self, n: int) -> bool:
-        """True if n more fds fit under the limit (exact when close to it)."""
-        self.limit = soft_limit()  # one getrlimit: setrlimit() may come at any time
-        if self.limit - (self.base + self.held) >= n + SLACK:
-            return True
-        used = open_fds(self.limit)
-        self.base = used - self.held
-        return self.limit - used >= n
-
     def free(self) -> int:
         return self.limit - self.base - self.held
+
+    def window(self, cap: int) -> int:
+        """The largest window that fits in the fds free now, leaving RESERVE."""
+        return max(1, min(cap, self.free() - RESERVE))
+
+    def room(self, window: int, channel_fd: int) -> bool:
+        """True if what the channel holds fits under the limit (exact near it)."""
+        self.limit = soft_limit()  # one getrlimit: setrlimit() may come at any time
+        if self.free() >= window + SLACK:
+            return True
+        self.count()
+        return self.free() >= max(1, queued_fds(channel_fd))
+
+    def lower(self, window: int) -> int:
+        """The window to ask for now: halved while it does not fit in the free
+        fds less RESERVE (never raised)."""
+        if window > 1 and self.free() - RESERVE < window:
+            return max(1, min(window // 2, self.free() - RESERVE))
+        return window

@@ -23,15 +23,17 @@ fds for a lid nobody listens on any more are closed (and counted closed, for
 
 Holding only what can be started. The primary never has more than this
 worker's `window` fds in flight to it; the worker sets it (limit_window):
-to what its free fds can take (fdbudget.py) and, for a server that starts one
-connection at a time (a plain socketserver), to 1, so a kill loses the
-connection being served, not a batch. Before each receive the intake checks
-that a whole window still fits under RLIMIT_NOFILE; when it does not (or a
-batch was cut short anyway, EMSGSIZE), the worker is at its limit: hand_back()
-closes the channel without reading it, the primary reads back every fd in
-it (its hold on our end) and serves them elsewhere, and on_limit tells the
-runtime to leave. stop() (graceful disconnect) drains what the channel holds, then
-closes it: the primary passes anything sent later to other workers. Queues
+to what its free fds can take (fdbudget.py, lowered as they run out) and,
+for a server that starts one connection at a time (a plain socketserver), to
+1, so a kill loses the connection being served, not a batch. Before each
+receive the intake checks that what the channel holds fits under
+RLIMIT_NOFILE; when it does not (or a batch was cut short anyway, EMSGSIZE),
+the worker is at its limit: hand_back() closes the channel without reading
+it, the primary reads back every fd in it (its hold on our end) and serves
+them elsewhere, and on_limit tells the runtime to leave.
+
+stop() (graceful disconnect) drains what the channel holds, then closes it:
+the primary passes anything sent later to other workers. Queues
 keep what was received; listeners hand those out to the end. Everything is
 under one lock: the asyncio loop, socketserver threads and the channel
 thread may all touch it.
@@ -55,7 +57,6 @@ from .fdbudget import FdBudget
 log = logging.getLogger("fastcluster")
 
 MAX_BATCHES_PER_PULL = 16
-FDPASS_MAX = 253  # fds one message carries at most (csrc/fdpass.h)
 
 
 class Router(Protocol):
@@ -113,6 +114,7 @@ class Intake:
         self._routed = False
         self.on_failure: Callable[[], None] | None = None  # the channel failed (runtime)
         self.on_limit: Callable[[str], None] | None = None  # at the fd limit (runtime)
+        self.on_window: Callable[[int], None] | None = None  # window lowered (runtime)
         self.window = 1 << 16  # fds the primary may have in flight to us (limit_window)
         self.budget: FdBudget | None = None  # set by the runtime (None: unchecked)
 
@@ -170,11 +172,10 @@ class Intake:
         assert channel is not None
         touched: set[Port] = set()
         budget = self.budget
-        need = min(self.window, FDPASS_MAX)
         for _ in range(max_batches):
-            if budget is not None and not budget.room_for(need):
+            if budget is not None and not budget.room(self.window, channel.fileno()):
                 self._at_limit(f"{max(budget.free(), 0)} fds free of RLIMIT_NOFILE="
-                               f"{budget.limit}, a batch may carry {need}")
+                               f"{budget.limit}, fewer than its channel holds")
                 break
             try:
                 batch = channel.recv()
@@ -196,6 +197,10 @@ class Intake:
                 break
             if budget is not None:
                 budget.held += len(batch)
+                lower = budget.lower(self.window)
+                if lower < self.window and self.on_window is not None:
+                    self.window = lower
+                    self.on_window(lower)  # the primary sends no batch larger from now
             for lid, fd in batch:
                 port = self.ports.get(lid)
                 if port is None or port.closed:

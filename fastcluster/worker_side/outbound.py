@@ -216,7 +216,10 @@ class Outbound:
         before = self.intake.window
         now = self.intake.limit_window(window)
         if now < before:
-            self._send_quiet({"t": "intake", "window": now})
+            self.tell_window(now)
+
+    def tell_window(self, window: int) -> None:
+        self._send_quiet({"t": "intake", "window": window})
 
     def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
         """Builds the Listener a listen reply describes (raises its error)."""

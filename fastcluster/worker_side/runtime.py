@@ -100,7 +100,7 @@ class WorkerRuntime(Outbound):
         self._data_fd: int | None = None
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
-        intake.on_limit = lambda why: self.post("fd limit")
+        intake.on_limit, intake.on_window = (lambda why: self.post("fd limit")), self.tell_window
         intake.budget, intake.window = FdBudget(), window  # fdbudget.py
 
     # -- life cycle (called by boot.py) -----------------------------------------
