@@ -47,6 +47,7 @@ typedef struct fc_worker {
     int out_armed;       /* EPOLLOUT armed: the channel was full */
     int waiting;         /* we asked the worker to wake us */
     int dirty;           /* has unsent fds, in d->dirty */
+    int window;          /* this worker's window (<= d->window; set_window) */
     uint64_t dispatched;
     fc_ledger ledger;
 } fc_worker;
@@ -289,9 +290,22 @@ int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_f
     w->data_fd = data_fd;
     w->peer_fd = peer_fd;
     w->out_armed = w->waiting = w->dirty = 0;
+    w->window = d->window;
     w->dispatched = 0;
     if (slot >= d->top)
         d->top = slot + 1;
+    return 0;
+}
+
+int fc_dispatcher_set_window(fc_dispatcher *d, int slot, int window)
+{
+    if (!valid_slot(d, slot))
+        return -ESRCH;
+    if (window < 1)
+        return -EINVAL;
+    /* Fds already held above a lowered window stay: room() is <= 0 until
+     * the worker takes them. The ledger was sized for d->window. */
+    d->workers[slot].window = window < d->window ? window : d->window;
     return 0;
 }
 
@@ -420,7 +434,8 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
 
 static inline int room(const fc_dispatcher *d, const fc_worker *w)
 {
-    return d->window - (int)fc_ledger_held(&w->ledger);
+    (void)d;
+    return w->window - (int)fc_ledger_held(&w->ledger);
 }
 
 static int choose(fc_dispatcher *d, fc_listener *l)

@@ -103,6 +103,13 @@ int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid);
  * shutdown() its end, or the caller remove_worker() when it reaps it. */
 int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd);
 
+/* Sets the window of the worker in slot: at most that many fds in flight to
+ * it (1..; above the dispatcher's window, the dispatcher's). A worker that
+ * can start only a few connections at once (a blocking server), or that has
+ * only a few fds free, declares so and never holds more. add_worker resets
+ * it to the dispatcher's window. Returns 0, -ESRCH or -EINVAL. */
+int fc_dispatcher_set_window(fc_dispatcher *d, int slot, int window);
+
 /* The worker in slot takes (or stops taking) connections of listener lid.
  * Unsubscribing keeps fds already given: the worker still takes them. */
 int fc_dispatcher_subscribe(fc_dispatcher *d, int slot, int lid);

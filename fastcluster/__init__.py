@@ -134,8 +134,12 @@ def listen(address: Any, backlog: int | None = None) -> Listener:
 def listen_server(server: Any, backlog: int | None = None) -> Any:
     """Makes a socketserver/http.server server (built with
     bind_and_activate=False) take its connections through the cluster on its
-    server_address. Returns the server: listen_server(s).serve_forever()."""
-    return _listener.listen_server(server, listen, backlog)
+    server_address. Returns the server: listen_server(s).serve_forever().
+    A server that serves each request inline (no ThreadingMixIn) is given one
+    connection at a time: a worker killed mid-request loses only that one."""
+    rt = _role.runtime
+    return _listener.listen_server(server, listen, backlog,
+                                   None if rt is None else rt.limit_window)
 
 
 def on(event: str, fn: Callable[..., Any]) -> EventEmitter:

@@ -69,6 +69,7 @@ cdef extern from "dispatch.h" nogil:
     int fc_dispatcher_add_listener(fc_dispatcher *d, int fd)
     int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
     int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd)
+    int fc_dispatcher_set_window(fc_dispatcher *d, int slot, int window)
     int fc_dispatcher_subscribe(fc_dispatcher *d, int slot, int lid)
     int fc_dispatcher_unsubscribe(fc_dispatcher *d, int slot, int lid)
     int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)

@@ -94,6 +94,9 @@ class Dispatcher:
         worker's end) stays the caller's; the dispatcher holds a duplicate,
         closes its copies once sent and reads the queue back when the worker
         goes (remove_worker)."""
+    def set_window(self, slot: int, window: int) -> None:
+        """At most window fds in flight to the worker in slot (capped by the
+        dispatcher's window; add_worker resets it)."""
     def subscribe(self, slot: int, lid: int) -> None: ...
     def unsubscribe(self, slot: int, lid: int) -> None: ...
     def remove_worker(self, slot: int) -> int:

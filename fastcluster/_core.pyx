@@ -302,6 +302,9 @@ cdef class Dispatcher:
             close(peer)
         _check(r, "add_worker")
 
+    def set_window(self, int slot, int window):
+        _check(fc_dispatcher_set_window(self.ptr(), slot, window), "set_window")
+
     def subscribe(self, int slot, int lid):
         _check(fc_dispatcher_subscribe(self.ptr(), slot, lid), "subscribe")
 

@@ -267,9 +267,15 @@ def main() -> None:
                     help="worker 0 misbehaves on its data channel")
     ap.add_argument("--peer", action="store_true",
                     help="the dispatcher holds each worker's end and keeps no copies")
+    ap.add_argument("--slot-window", type=int, default=0,
+                    help="worker 0's own window (set_window), below --window")
     a = ap.parse_args()
 
     h = Harness(a.workers, a.policy, a.window, a.hold, a.bad, a.peer)
+    w0 = a.window
+    if a.slot_window:
+        h.d.set_window(0, a.slot_window)
+        w0 = a.slot_window
     out: dict[str, Any] = {}
     target: Address = h.addr
     if a.listeners:
@@ -321,7 +327,7 @@ def main() -> None:
         def tick() -> None:
             # Resume worker 0 once the others have served all but its window.
             s1 = sum(h.d.slot_stats(s)["closed"] for s in range(1, a.workers))
-            if not state["resumed"] and s1 >= a.connections - a.window:
+            if not state["resumed"] and s1 >= a.connections - w0:
                 out["others_before_resume"] = s1
                 out["held_by_stopped"] = h.d.slot_stats(0)["held"]
                 h.kill(0, signal.SIGCONT)

@@ -9,6 +9,8 @@ test asserts on.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -286,7 +288,7 @@ def test_setup_primary_cumulative_and_setup_event(tmp_path: Path,
             print("after 2", cluster.settings["args"], cluster.settings["silent"],
                   cluster.settings["graceful_timeout"])
             cluster.setup_primary()
-            print("setup events", len(seen), [s["graceful_timeout"] for s in seen])
+            print("setup events", len(seen))  # on the next tick: none yet
             for bad in ({"policy": "bogus"}, {"bogus": 1}, {"start_method": 3},
                         {"graceful_timeout": -1}, {"env": {"A": 1}}, {"args": "x"}):
                 try:
@@ -297,7 +299,9 @@ def test_setup_primary_cumulative_and_setup_event(tmp_path: Path,
             for _ in range(2):
                 w = cluster.fork()
                 w.once("message", lambda data, w=w: print("got", data) or w.kill())
+            cluster.on("fork", lambda w: print("fork event, setups so far", len(seen)))
             cluster.run()
+            print("setup events", len(seen), [s["graceful_timeout"] for s in seen])
         else:
             print("silent worker prints nothing", flush=True)
             cluster.worker.send(sys.argv[1:])
@@ -307,9 +311,14 @@ def test_setup_primary_cumulative_and_setup_event(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     out = lines(proc.stdout)
     assert out[0] == "initial {}"
-    assert out[1] == "after 1 ['custom argument'] True None least"
+    assert out[1] == f"after 1 ['custom argument'] True {path} least"
     assert out[2] == "after 2 ['custom argument'] True 5.0"
-    assert out[3] == "setup events 3 [30.0, 5.0, 5.0]"
+    assert out[3] == "setup events 0"
+    # three setup_primary() calls and two fork()s (Node's fork() runs
+    # setupPrimary()), each with the settings of its call, each before its "fork"
+    assert lines(proc.stdout, "setup events")[-1] == "setup events 5 [30.0, 5.0, 5.0, 5.0, 5.0]"
+    assert lines(proc.stdout, "fork event") == ["fork event, setups so far 4",
+                                                "fork event, setups so far 5"]
     errors = lines(proc.stdout, "error")
     assert len(errors) == 6
     assert "'policy'" in errors[0] and "'bogus'" in errors[0] and "'rr'" in errors[0]
@@ -318,9 +327,73 @@ def test_setup_primary_cumulative_and_setup_event(tmp_path: Path,
     assert errors[2].startswith("error TypeError") and "'start_method'" in errors[2]
     assert errors[3].startswith("error ValueError") and "'graceful_timeout'" in errors[3]
     assert "'env'" in errors[4] and "'args'" in errors[5]
-    assert "events after errors 3 least" in out
+    assert "events after errors 0 least" in out
     assert lines(proc.stdout, "got") == ["got ['custom argument']"] * 2
     assert "silent worker" not in proc.stdout
+
+
+def test_setup_event_on_the_next_tick_and_settings_as_node(tmp_path: Path,
+                                                          env: dict[str, str]) -> None:
+    # Node's test-cluster-setup-primary*.js pattern: the listener is added
+    # after the call and hears it. node 20 (observed): setupPrimary() fills
+    # args/exec/silent; fork() returns before "setup", which comes before
+    # "fork"; each "setup" carries the settings of its own call.
+    path = script(tmp_path, """
+        import fastcluster as cluster
+
+        if cluster.is_primary:
+            cluster.setup_primary(silent=False)
+            cluster.once("setup", lambda s: print("setup 1", s["args"], s["exec"], s["silent"]))
+            cluster.setup_primary(args=["x"])
+            cluster.on("setup", lambda s: print("setup", s["args"]))
+            s = cluster.settings
+            print("settings", s["args"], s["exec"] == __file__, s["silent"])
+            cluster.on("fork", lambda w: print("fork", w.id))
+            w = cluster.fork()
+            print("fork returned", w.id)
+            w.on("online", w.kill)
+            cluster.run()
+        else:
+            cluster.run()
+    """)
+    proc = run(path, env, args=("a", "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == [
+        "settings ['x'] True False",
+        "fork returned 1",
+        f"setup 1 ['a', 'b'] {path} False",  # both listeners hear the first call's
+        "setup ['a', 'b']",
+        "setup ['x']",  # the second call's
+        "setup ['x']",  # fork()'s
+        "fork 1",
+    ]
+
+
+def test_settings_exec_under_python_m(tmp_path: Path, env: dict[str, str]) -> None:
+    # python -m pkg.mod: exec shows the module's file (sys.argv[0]); the
+    # worker still runs it as a module (its __name__ is "__main__" there and
+    # its relative import works)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("NAME = 'helper'\n")
+    (pkg / "mod.py").write_text(
+        "import fastcluster as cluster\n"
+        "from .helper import NAME\n"
+        "if cluster.is_primary:\n"
+        "    cluster.setup_primary()\n"
+        "    print('exec', cluster.settings['exec'], cluster.settings['args'], flush=True)\n"
+        "    w = cluster.fork()\n"
+        "    w.on('message', lambda m: print('worker', m, flush=True) or w.kill())\n"
+        "    cluster.run()\n"
+        "else:\n"
+        "    cluster.worker.send([__name__, NAME])\n"
+        "    cluster.run()\n")
+    proc = subprocess.run([sys.executable, "-m", "pkg.mod", "q"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=15)
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == [f"exec {pkg / 'mod.py'} ['q']",
+                                  "worker ['__main__', 'helper']"]
 
 
 def test_bad_policy_in_environment(tmp_path: Path, env: dict[str, str]) -> None:

@@ -546,3 +546,85 @@ def test_aio_counts_connections_of_any_protocol_class(tmp_path: Path, env: dict[
         r.signal(signal.SIGTERM)
         code, out = r.finish()
     assert code == 0, out
+
+
+UNIX_RELATIVE = """
+import os, signal, socket
+import fastcluster as cluster
+
+if cluster.is_primary:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cluster.setup_primary(cwd=os.environ["WDIR"], respawn=True)
+    cluster.on("exit", lambda w, code, sig: print("exit", w.pid, code, sig, flush=True))
+    cluster.on("message", lambda w, m: print(m, flush=True))
+
+    def leave(*args):
+        for w in list(cluster.workers.values()):
+            w.send("leave")
+
+    signal.signal(signal.SIGUSR1, leave)
+    cluster.fork({"ROLE": "sock"})
+    cluster.fork({"ROLE": "idle"})
+    cluster.run()
+elif os.environ["ROLE"] == "sock":
+    lst = cluster.listen("s.sock")
+    cluster.worker.on("message", lambda m: cluster.worker.disconnect())
+    cluster.worker.send(f"listening {os.getpid()} {lst.getsockname()}")
+    while True:
+        try:
+            conn, _ = lst.accept()
+        except OSError:
+            break
+        conn.sendall(str(os.getpid()).encode())
+        conn.close()
+else:
+    cluster.worker.on("message", lambda m: None)  # stays: the primary keeps running
+    cluster.run()
+"""
+
+
+def _unix_pid(path: str) -> str:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(path)
+        return c.recv(64).decode()
+
+
+@pytest.mark.parametrize("policy", ["rr", "shared"])
+def test_relative_unix_path_is_the_workers_and_removed_when_unused(
+        tmp_path: Path, env: dict[str, str], policy: str) -> None:
+    # Node resolves a relative path against the worker's cwd (here the cwd
+    # setting; the primary runs in tmp_path) and binds the shorter of it and
+    # its path relative to the primary's cwd: the absolute one is longer
+    # than sun_path's 108 bytes here.
+    wdir = tmp_path / ("d" * 90)
+    wdir.mkdir()
+    want = str(wdir / "s.sock")
+    assert len(want) > 108
+    path = script(tmp_path, UNIX_RELATIVE)
+    run_env = dict(env, WDIR=str(wdir), FASTCLUSTER_POLICY=policy)
+    with running(path, run_env) as r:
+        first = r.wait_for("listening")[0].split()
+        assert first[2] == want, first
+        assert not (tmp_path / "s.sock").exists()
+        os.chdir(wdir)  # connect by a short name: the absolute one does not fit either
+        try:
+            assert _unix_pid("s.sock") == first[1]
+            os.kill(int(first[1]), signal.SIGKILL)  # a respawn keeps the path
+            r.wait_for(f"exit {first[1]} None SIGKILL")
+            assert os.path.exists("s.sock")
+            second = r.wait_for("listening", 2)[1].split()
+            assert _unix_pid("s.sock") == second[1]
+            r.signal(signal.SIGUSR1)  # the listening worker leaves; nothing replaces it
+            r.wait_for(f"exit {second[1]} 0 None")
+            r.wait_for("fastcluster: no worker listens on")  # logged after the exit event
+            gone = not os.path.exists("s.sock")
+        finally:
+            os.chdir(ROOT)
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    text = "\n".join(r.seen)
+    assert code == 0, text
+    assert gone, text  # removed while the primary still ran (the idle worker kept it up)
+    assert f"no worker listens on {want} any more: closed and removed" in text

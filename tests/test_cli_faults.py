@@ -21,7 +21,8 @@ from fastcluster.pytest_plugin import fastcluster_server  # noqa: F401
 
 
 def _respawn_delays(log: str) -> list[float]:
-    return [float(x) for x in re.findall(r"respawning in ([0-9.]+) s", log)]
+    # a young death: "respawning in"; a ready one past --respawn-burst: "next respawn in"
+    return [float(x) for x in re.findall(r"(?:respawning|next respawn) in ([0-9.]+) s", log)]
 
 
 def test_respawn_pacing_from_flags_env_and_config(fastcluster_server: Any,
@@ -31,8 +32,10 @@ def test_respawn_pacing_from_flags_env_and_config(fastcluster_server: Any,
     server = fastcluster_server("cli_apps:wsgi_app", workers=1,
                                 env={"FASTCLUSTER_CONFIG": str(config),
                                      "FASTCLUSTER_RESPAWN_STABLE": "60"},
-                                args=("--respawn-delay", "0.6"))
-    for _ in range(2):  # two young deaths: 0.6 s, then 1.2 s capped at 0.9 s
+                                args=("--respawn-delay", "0.6", "--respawn-burst", "1"))
+    # the first death of a ready worker is replaced at once (--respawn-burst 1); the
+    # next two (young, or ready past the burst) back off: 0.6 s, then 1.2 s capped at 0.9
+    for _ in range(3):
         (pid,) = server.worker_pids()
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda pid=pid: server.worker_pids() not in ([], [pid]), 5.0)

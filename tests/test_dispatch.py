@@ -7,7 +7,9 @@ which worker answered, and the dispatcher's counters.
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,40 @@ def test_stopped_worker_fills_its_window_others_take_the_rest(python_env: dict[s
     assert out["held_by_stopped"] == 16
     assert out["others_before_resume"] == 300 - 16
     assert out["client"]["replies"] == {"0": 16, "1": 284}
+
+
+@pytest.mark.parametrize("mode", ["copies", "peer"])
+def test_a_workers_own_window_bounds_what_it_holds(python_env: dict[str, str],
+                                                    mode: str) -> None:
+    # set_window(slot, 3): a worker that declared it starts 3 at once is
+    # never given more than 3 it has not taken, whatever the dispatcher's window
+    out = scenario(python_env, "stop_one", "--workers", "2", "--window", "16",
+                   "--slot-window", "3", "--connections", "300", "--concurrency", "64",
+                   *(["--peer"] if mode == "peer" else []))
+    assert out["client"]["failures"] == {}
+    assert out["held_by_stopped"] == 3
+    assert out["client"]["replies"] == {"0": 3, "1": 297}
+
+
+def test_set_window_checks_its_arguments() -> None:
+    from fastcluster import _core
+    table = _core.CounterTable(4)
+    d = _core.Dispatcher(table, window=16)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with pytest.raises(OSError) as e:
+            d.set_window(1, 4)  # no worker in slot 1
+        assert e.value.errno == errno.ESRCH
+        d.add_worker(1, mine.detach())
+        with pytest.raises(OSError) as e:
+            d.set_window(1, 0)
+        assert e.value.errno == errno.EINVAL
+        d.set_window(1, 1 << 20)  # above the dispatcher's window: capped, not refused
+        d.set_window(1, 1)
+    finally:
+        d.close()
+        theirs.close()
+        table.close()
 
 
 def test_all_stopped_connections_wait_in_backlog_without_spinning(python_env: dict[str, str]) -> None:

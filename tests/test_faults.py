@@ -144,3 +144,71 @@ def test_rolling_restart_under_load_ten_sighups(tmp_path: Path, env: dict[str, s
     assert failed == 0, dict(load.failed)
     unasked = [ln for ln in out if ln.startswith("exit ") and not ln.endswith(" 0 None")]
     assert unasked == [], unasked
+
+
+SERIAL = """
+import os, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+import fastcluster as cluster
+
+class PidHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(0.01)  # long enough for connections to queue up behind it
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+if cluster.is_primary:
+    # ready workers are replaced at once; 20 kills in 4 s go past the burst
+    # limit, and then the pacer's delays stay short
+    cluster.setup_primary(respawn=True, respawn_delay=0.005, respawn_delay_max=0.02)
+    cluster.on("message", lambda w, m: print(m, w.pid, flush=True))
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+else:
+    # one request at a time (no ThreadingMixIn): the worker declares it, so
+    # it never holds a connection it has not started
+    server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), PidHandler,
+                        bind_and_activate=False)
+    cluster.listen_server(server)
+    cluster.worker.send("serving")
+    server.serve_forever()
+"""
+
+
+def test_blocking_server_killed_20_times_loses_at_most_one_per_kill(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    # Before, the intake took whole batches: a kill lost every fd queued in
+    # the worker behind the request it was serving.
+    path = script(tmp_path, SERIAL)
+    port = free_port()
+    rng = random.Random(99)
+    kills = 0
+    with running(path, dict(env, PORT=str(port))) as r:
+        r.wait_for("serving", 2, timeout=15)
+        load = Load(port, threads=8, max_seconds=30).start()
+        time.sleep(0.3)
+        for _ in range(20):
+            live = children(r.pid)
+            if len(live) == 2:
+                os.kill(rng.choice(live), signal.SIGKILL)
+                kills += 1
+            time.sleep(0.2)
+        load.stop()
+        assert wait_until(lambda: len(children(r.pid)) == 2, 10), children(r.pid)
+        after = [request(port) for _ in range(20)]
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert code == 0, out
+    failed = sum(load.failed.values())
+    print(f"blocking server: {kills} kills, {load.attempted} requests, {failed} failed "
+          f"({dict(load.failed)})")
+    assert kills >= 18
+    assert load.ok >= 100
+    assert failed <= kills, dict(load.failed)
+    assert all(ok for ok, _ in after), after

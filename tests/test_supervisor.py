@@ -293,6 +293,59 @@ def test_long_lived_worker_is_respawned_at_once(tmp_path: Path, env: dict[str, s
     assert code == 0
 
 
+def test_ready_worker_is_replaced_in_the_same_loop_turn(tmp_path: Path,
+                                                       env: dict[str, str]) -> None:
+    # Young (0.3 s) but ready: it listened on everything it asked for, so its
+    # death is no crash loop; a backoff (respawn_delay 5 s) would show.
+    path, run_env, port = start(tmp_path, env, workers=2, respawn_delay=5.0)
+    took: list[float] = []
+    with running(path, run_env) as r:
+        r.wait_for("listening", 2)
+        for k in range(5):
+            victim = pids_of(r.wait_for("listening", 2 + k))[-1]  # the newest
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            new = pids_of(r.wait_for("listening", 3 + k, timeout=5))[-1]
+            took.append(time.monotonic() - t0)
+            assert new != victim
+        answers = {http_get(port)[2] for _ in range(10)}
+        r.signal(signal.SIGTERM)
+        code, out = r.finish()
+    text = "\n".join(r.seen)
+    assert code == 0, text
+    assert max(took) < 2.0, took  # no 5 s backoff
+    assert text.count("ready (listening); replacing it now") == 5, text
+    assert "respawning in" not in text and "backoff" not in text
+    assert len(answers) == 2
+    took.sort()
+    print(f"ready respawn: SIGKILL -> replacement's listening event seen by the test, "
+          f"median {took[2] * 1000:.1f} ms, max {took[-1] * 1000:.1f} ms (5 kills, test load)")
+
+
+def test_ready_deaths_beyond_the_burst_back_off(tmp_path: Path, env: dict[str, str]) -> None:
+    # A request that kills every worker it reaches: after respawn_burst ready
+    # deaths within respawn_stable, the replacements go through the pacer.
+    path, run_env, _port = start(tmp_path, env, workers=1, respawn_burst=2,
+                                 respawn_delay=0.6)
+    gaps: list[float] = []
+    with running(path, run_env) as r:
+        for k in range(4):
+            victim = pids_of(r.wait_for("listening", 1 + k, timeout=5))[-1]
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            r.wait_for("fork", 2 + k, timeout=5)
+            gaps.append(time.monotonic() - t0)
+        r.wait_for("listening", 5, timeout=5)
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    text = "\n".join(r.seen)
+    assert code == 0, text
+    assert text.count("ready (listening); replacing it now") == 2, text
+    assert text.count("(respawn_burst=2): something kills them as they serve") == 2, text
+    assert max(gaps[:2]) < 0.4 and min(gaps[2:]) >= 0.45, gaps  # 0.6 s +-20%, then doubled
+
+
 def test_crash_loop_backs_off_and_sigterm_still_exits_at_once(tmp_path: Path,
                                                               env: dict[str, str]) -> None:
     fail = tmp_path / "fail"

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .proc import Proc
     from .ready import Ready
     from .registry import Registry
+    from .respawn import Respawner
     from .rolling import Rolling
     from .timers import Timers
 
@@ -48,6 +49,7 @@ class Channels:
     # the loop's state this part uses (set in Primary.__init__, primary/loop.py)
     _procs: dict[int, Proc]
     _ready: Ready
+    _respawner: Respawner
     _rolling: Rolling
     _soon: collections.deque[Callable[[], object]]
     _timers: Timers
@@ -58,6 +60,7 @@ class Channels:
     if TYPE_CHECKING:  # the loop's methods this part calls
         def _ensure_core(self) -> tuple[CounterTable, Dispatcher, Registry]: ...
         def config(self) -> Settings: ...
+        def _release_idle(self) -> None: ...
 
     # -- control channels ----------------------------------------------------
 
@@ -148,6 +151,7 @@ class Channels:
                     raise ValueError(f"it claims to listen on {frame['address']!r}, an "
                                      "address the primary did not give it")
                 w.state = "listening"
+                self._respawner.on_listening(proc)
                 w.emit("listening", address)
                 self.events.emit("listening", w, address)
                 self._rolling.on_listening(proc, frame["address"])
@@ -155,6 +159,15 @@ class Channels:
             elif t == "unlisten":
                 if self.registry is not None:
                     self.registry.unlisten(proc.slot, int(frame["lid"]))
+                    self._release_idle()
+            elif t == "intake":  # the worker can take only so many fds at once
+                window = frame["window"]
+                if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                    raise ValueError(f"window must be an int >= 1, got {window!r}")
+                if self.dispatcher is not None and not proc.dead:
+                    self.dispatcher.set_window(proc.slot, window)
+            elif t == "leaving":  # at its fd limit: its channel is handed back
+                self._on_leaving(proc, str(frame.get("reason", "")))
             elif t == "disconnecting":
                 proc.left = proc.left or not w.exited_after_disconnect  # nobody asked
                 w.exited_after_disconnect = True
@@ -184,6 +197,8 @@ class Channels:
             _t, _d, registry = self._ensure_core()
             reply, fds = registry.listen(proc.slot, wire, min(backlog, 65535), cfg.policy,
                                          self._bind_guard())
+            if reply["t"] == "listen_ok":
+                proc.listens_ok += 1
         reply["req"] = req
         if reply.get("t") == "listen_ok":
             proc.given.add(_address.key_text(reply["address"]))
@@ -195,6 +210,19 @@ class Channels:
         if self._guard is None or self._guard[0] != key:
             self._guard = (key, BindGuard(*key))
         return self._guard[1]
+
+    def _on_leaving(self, proc: Proc, reason: str) -> None:
+        """A worker leaves by itself (out of fds): replace it now, not when
+        it has finished its connections and exited."""
+        w = proc.worker
+        if proc.dead or proc.replaced or w.exited_after_disconnect:
+            return
+        log.error("fastcluster: worker %d (pid %d) leaves (%s); replacing it now", w.id, w.pid,
+                  reason[:64] or "no reason given")
+        if self.registry is not None:
+            self.registry.drop_worker(proc.slot)
+        proc.replaced = self._respawner.on_exit(proc, None, None, how=reason[:64] or "left")
+        self._arm_kill_timer(proc)
 
     def _send(self, proc: Proc, data: bytes, fds: list[int] | None = None) -> bool:
         chan = proc.chan

@@ -148,6 +148,8 @@ class Primary(Operations, Signals, Channels):
             raise RuntimeError("cluster.fork(): the cluster is shutting down")
         extra = check_env("env", env)
         self._stopping = False
+        self.config()
+        self._emit_setup()  # Node's fork() calls setupPrimary(), which emits "setup"
         return self._spawn(extra)
 
     def _spawn(self, extra: dict[str, str]) -> Worker:
@@ -376,8 +378,9 @@ class Primary(Operations, Signals, Channels):
         self.events.emit("exit", w, code, signame)
         _hooks.call(self.config(), "worker_exit", w, code, signame)
         self._recycler.on_exit(proc)
-        if not self._rolling.on_exit(proc):
-            self._respawner.on_exit(proc, code, signame)
+        if not (self._rolling.on_exit(proc) or self._respawner.on_exit(proc, code, signame)
+                or proc.replaced):
+            self._release_idle()  # nothing will listen where it did
         if not self.workers:
             self._all_gone()
 

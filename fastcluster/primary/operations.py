@@ -91,7 +91,24 @@ class Operations:
             self._recycler.arm()  # max_requests / max_rss set while running
         if self.dispatcher is not None:
             self.dispatcher.set_policy(core_policy(self.cfg.policy))
-        self.events.emit("setup", self.settings)
+        self._emit_setup()
+
+    def _emit_setup(self) -> None:
+        # Node emits "setup" on the next tick, with the settings of this call:
+        # a listener added right after setup_primary() hears it. Here the
+        # next tick is the loop's next turn: run() runs it before it serves.
+        snapshot = dict(self.settings)
+        self._soon.append(lambda: self.events.emit("setup", snapshot))
+
+    def _release_idle(self) -> None:
+        """Unix socket paths no worker listens on, kept for no respawn and no
+        rolling restart, are closed and unlinked (as Node closes a handle
+        when its last worker goes)."""
+        if self.registry is None or self._rolling.active or self._respawner.pending \
+                or self._shutdown is not None:
+            return
+        for path in self.registry.release_idle():
+            log.info("fastcluster: no worker listens on %s any more: closed and removed", path)
 
 
     # -- public operations ---------------------------------------------------

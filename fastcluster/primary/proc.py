@@ -28,3 +28,7 @@ class Proc:
         self.given: set[str] = set()  # addresses we answered its listen requests with
         self.left = False  # it disconnected on its own (SIGTERM from outside, say)
         self.dead = False
+        self.listens_ok = 0  # listen requests the primary granted it
+        self.listened = 0  # "listening" frames it sent for them
+        self.ready = False  # it listened on every address it asked for (respawn.py)
+        self.replaced = False  # its replacement was forked already (it left: fd limit)

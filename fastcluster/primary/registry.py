@@ -18,7 +18,14 @@ connections depends on the policy in force when the address was first bound:
 Sockets stay open until close_all() (the primary's shutdown), so a worker
 started to replace another (rolling restart) finds its address still bound
 and no connection is refused in between. A failed bind is not remembered: a
-retry binds again. Unix socket paths we created are unlinked at close_all().
+retry binds again. Unix socket paths we created are unlinked at close_all(),
+or earlier by release_idle(): once no worker listens on the path and the
+primary keeps it for no respawn or rolling restart.
+
+A relative Unix socket path is the worker's: the worker sends it made
+absolute against its own cwd. We bind the shorter of that and its form
+relative to our cwd (Node's way around sun_path's 108 bytes) and name it by
+the absolute path everywhere else (the key, the reply, the unlink).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class Bound:
     mode: str  # "rr" (C dispatcher, rr or least), "shared" or "reuseport"
     wire: _address.WireAddress  # the real address, JSON form
     lid: int = -1  # the dispatcher's listener id (mode "rr")
-    slots: set[int] = field(default_factory=set)  # subscribed worker slots (mode "rr")
+    slots: set[int] = field(default_factory=set)  # slots listening on it (rr: subscribed)
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a path we created
     guard: BindGuard | None = None  # whose filesystem identity created (and unlinks) it
 
@@ -79,6 +86,9 @@ class Registry:
                     "strerror": f"{e.strerror}: {_shown(wire)}"}, []
         except (ValueError, TypeError, IndexError) as e:
             return {"t": "listen_err", "errno": errno.EINVAL, "strerror": str(e)}, []
+        if family == socket.AF_UNIX and isinstance(sockaddr, str) and \
+                not sockaddr.startswith("\0"):
+            sockaddr = os.path.abspath(sockaddr)  # a worker sends it absolute already
         key = _address.key_of(family, sockaddr)
         bound = self._by_key.get(key)
         if bound is None:
@@ -98,7 +108,8 @@ class Registry:
                 return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
                         "strerror": f"{e.strerror or e}: {_shown(wire)}{why}"}, []
             self._by_key[key] = bound
-            self._by_key[_address.key_of(family, bound.sock.getsockname())] = bound
+            real = bound.wire if family == socket.AF_UNIX else bound.sock.getsockname()
+            self._by_key[_address.key_of(family, real)] = bound
             self._all.append(bound)
         reply: dict[str, Any] = {"t": "listen_ok", "mode": bound.mode, "address": bound.wire,
                                  "family": bound.family}
@@ -111,6 +122,7 @@ class Registry:
             reply["lid"] = bound.lid
             return reply, []
         if bound.mode == "shared":
+            bound.slots.add(slot)
             reply["nfds"] = 1
             return reply, [bound.sock.fileno()]
         reply["backlog"] = backlog  # reuseport: the worker binds and listens itself
@@ -135,16 +147,19 @@ class Registry:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if mode == "reuseport":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            with guard.as_worker(sockaddr):  # a Unix path: made as the worker would
-                sock.bind(sockaddr)
             inode = None
             if family == socket.AF_UNIX and isinstance(sockaddr, str) and \
                     not sockaddr.startswith("\0"):
+                with guard.as_worker(sockaddr):  # a Unix path: made as the worker would
+                    sock.bind(_shorter(sockaddr))
                 st = os.stat(sockaddr)
                 inode = (st.st_dev, st.st_ino)
+                wire: _address.WireAddress = sockaddr  # not getsockname(): maybe relative
+            else:
+                sock.bind(sockaddr)
+                wire = _address.wire_of(family, sock.getsockname())
             if mode != "reuseport":
                 sock.listen(backlog)
-            wire = _address.wire_of(family, sock.getsockname())
             bound = Bound(sock, family, mode, wire, unix_inode=inode, guard=guard)
             if mode == "rr":
                 bound.lid = self._dispatcher().add_listener(sock.fileno())
@@ -164,9 +179,37 @@ class Registry:
         for bound in self._all:
             if slot in bound.slots:
                 bound.slots.discard(slot)
-                if in_dispatcher:
+                if in_dispatcher and bound.mode == "rr":
                     with contextlib.suppress(OSError):
                         self._dispatcher().unsubscribe(slot, bound.lid)
+
+    def release_idle(self) -> list[str]:
+        """Closes and unlinks each Unix socket path we bound that no worker
+        listens on any more (the caller knows none is kept for a respawn or a
+        rolling restart). TCP ports stay bound until close_all(). Returns the
+        paths released."""
+        idle = [b for b in self._all if b.unix_inode is not None and not b.slots]
+        for bound in idle:
+            self._all.remove(bound)
+            for key in [k for k, b in self._by_key.items() if b is bound]:
+                del self._by_key[key]
+            self._close(bound, unlink=True, dispatcher=True)
+        return [str(b.wire) for b in idle]
+
+    def _close(self, bound: Bound, *, unlink: bool, dispatcher: bool) -> None:
+        if dispatcher and bound.mode == "rr":
+            with contextlib.suppress(OSError, ValueError):
+                self._dispatcher().remove_listener(bound.lid)
+        if unlink and bound.unix_inode is not None and isinstance(bound.wire, str):
+            try:
+                with bound.guard.as_worker(bound.wire) if bound.guard else \
+                        contextlib.nullcontext():
+                    st = os.stat(bound.wire)
+                    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == bound.unix_inode:
+                        os.unlink(bound.wire)
+            except OSError:
+                pass
+        bound.sock.close()
 
     def fds(self) -> list[int]:
         return [b.sock.fileno() for b in self._all]
@@ -175,22 +218,18 @@ class Registry:
         """Closes every socket; with unlink, removes the Unix socket files we
         created; with dispatcher, takes the rr sockets out of the dispatcher."""
         for bound in self._all:
-            if dispatcher and bound.mode == "rr":
-                with contextlib.suppress(OSError, ValueError):
-                    self._dispatcher().remove_listener(bound.lid)
-            if unlink and bound.unix_inode is not None and isinstance(bound.wire, str):
-                try:
-                    with bound.guard.as_worker(bound.wire) if bound.guard else \
-                            contextlib.nullcontext():
-                        st = os.stat(bound.wire)
-                        if stat.S_ISSOCK(st.st_mode) and \
-                                (st.st_dev, st.st_ino) == bound.unix_inode:
-                            os.unlink(bound.wire)
-                except OSError:
-                    pass
-            bound.sock.close()
+            self._close(bound, unlink=unlink, dispatcher=dispatcher)
         self._all.clear()
         for sock in self.inherited:
             sock.close()
         self.inherited.clear()
         self._by_key.clear()
+
+
+def _shorter(path: str) -> str:
+    """The shorter of an absolute path and its form relative to our cwd."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if len(rel) < len(path) else path

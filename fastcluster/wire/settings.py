@@ -17,6 +17,7 @@ import grp
 import math
 import os
 import pwd
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,7 @@ class Settings:
     respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
     respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
+    respawn_burst: int = 10  # ready workers replaced at once per respawn_stable; then backoff
     graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
     timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see wire/beat.py
     window: int = 128  # fds in flight per worker (C dispatcher)
@@ -71,9 +73,12 @@ class Settings:
     when_ready: Callable[..., object] | None = None  # (), primary, once the workers listen
 
     def as_dict(self) -> dict[str, Any]:
+        """What cluster.settings shows: exec and args filled as Node fills
+        them (the script the worker re-runs and sys.argv[1:]) when not set."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["env"] = dict(self.env)
-        d["args"] = None if self.args is None else list(self.args)
+        d["args"] = list(sys.argv[1:]) if self.args is None else list(self.args)
+        d["exec"] = main_script() if self.exec is None else self.exec
         return d
 
     def merge(self, updates: Mapping[str, Any]) -> Settings:
@@ -87,6 +92,18 @@ class Settings:
                 )
             checked[name] = _CHECKS[name](name, value)
         return dataclasses.replace(self, **checked)
+
+
+def main_script() -> str | None:
+    """The file a worker re-runs: __main__'s script; for `python -m pkg.mod`,
+    the module's file as Python puts it in sys.argv[0] (the worker still runs
+    it as a module); None when there is none (interactive, -c)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    if spec is not None and spec.name != "__main__" and sys.argv and sys.argv[0]:
+        path = sys.argv[0]
+    return os.path.abspath(path) if isinstance(path, str) and path else None
 
 
 def defaults() -> Settings:
@@ -285,6 +302,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "respawn_delay": _positive_float,
     "respawn_delay_max": _positive_float,
     "respawn_stable": _positive_float,
+    "respawn_burst": _int_range(1, 1 << 20),
     "rolling_batch": _int_range(1, 64),
     "reload_signal": _reload_signal,
     "ready_timeout": _positive_float,

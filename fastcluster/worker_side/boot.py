@@ -263,7 +263,7 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     channel = WorkerChannel(data.detach(), table, slot)
     runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout,
-                            cfg.max_frame)
+                            cfg.max_frame, cfg.window)
     return run_worker(runtime, spec, settings)
 
 
@@ -298,7 +298,7 @@ def exec_spawned(*, worker_id: int, slot: int, ctl_fd: int, data_fd: int, table_
     full_env[WORKER_ENV] = f"{worker_id}:{slot}:{ctl_fd}:{data_fd}:{table_fd}:{nslots}"
     full_env[BOOT_ENV] = json.dumps({"spec": spec.to_json(), "sys_path": sys.path,
                                      "graceful_timeout": cfg.graceful_timeout,
-                                     "max_frame": cfg.max_frame})
+                                     "max_frame": cfg.max_frame, "window": cfg.window})
     prepare_process(cfg.cwd, cfg.uid, cfg.gid, cfg.silent)
     # the directory that holds the fastcluster package (this is fastcluster/worker_side/boot.py)
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -322,7 +322,8 @@ def spawn_main() -> NoReturn:
         os.close(table_fd)  # the mapping stays
         channel = WorkerChannel(data_fd, table, slot)
         runtime = WorkerRuntime(worker_id, socket.socket(fileno=ctl_fd), Intake(channel),
-                                float(boot["graceful_timeout"]), int(boot["max_frame"]))
+                                float(boot["graceful_timeout"]), int(boot["max_frame"]),
+                                int(boot["window"]))
         code = run_worker(runtime, MainSpec.from_json(boot["spec"]), {})
     except BaseException:
         traceback.print_exc()

@@ -19,8 +19,21 @@ So, two modes:
           still pulls opportunistically when its queue is empty.
 
 fds for a lid nobody listens on any more are closed (and counted closed, for
-`least`). stop() (graceful disconnect) drains what the channel holds, then
-closes it: the primary passes anything sent later to other workers. Queues
+`least`).
+
+Holding only what can be started. The primary never has more than this
+worker's `window` fds in flight to it; the worker sets it (limit_window):
+to what its free fds can take (fdbudget.py, lowered as they run out) and,
+for a server that starts one connection at a time (a plain socketserver), to
+1, so a kill loses the connection being served, not a batch. Before each
+receive the intake checks that what the channel holds fits under
+RLIMIT_NOFILE; when it does not (or a batch was cut short anyway, EMSGSIZE),
+the worker is at its limit: hand_back() closes the channel without reading
+it, the primary reads back every fd in it (its hold on our end) and serves
+them elsewhere, and on_limit tells the runtime to leave.
+
+stop() (graceful disconnect) drains what the channel holds, then closes it:
+the primary passes anything sent later to other workers. Queues
 keep what was received; listeners hand those out to the end. Everything is
 under one lock: the asyncio loop, socketserver threads and the channel
 thread may all touch it.
@@ -39,6 +52,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .._core import WorkerChannel
+from .fdbudget import FdBudget
 
 log = logging.getLogger("fastcluster")
 
@@ -99,6 +113,10 @@ class Intake:
         self.stopped = channel is None
         self._routed = False
         self.on_failure: Callable[[], None] | None = None  # the channel failed (runtime)
+        self.on_limit: Callable[[str], None] | None = None  # at the fd limit (runtime)
+        self.on_window: Callable[[int], None] | None = None  # window lowered (runtime)
+        self.window = 1 << 16  # fds the primary may have in flight to us (limit_window)
+        self.budget: FdBudget | None = None  # set by the runtime (None: unchecked)
 
     def _arrange(self) -> None:
         """Direct mode for one port, routed mode for more (see above)."""
@@ -125,7 +143,8 @@ class Intake:
             if port.closed:
                 raise OSError(errno.EBADF, "listener is closed")
             if not port.fds and not self.stopped:
-                self._pull()
+                # a small window is a server that starts few at once: one batch
+                self._pull(1 if self.window < MAX_BATCHES_PER_PULL else MAX_BATCHES_PER_PULL)
             fd = port.fds.popleft() if port.fds else None
             port.sync()
             return fd
@@ -152,15 +171,21 @@ class Intake:
         channel = self.channel
         assert channel is not None
         touched: set[Port] = set()
+        budget = self.budget
         for _ in range(max_batches):
+            if budget is not None and not budget.room(self.window, channel.fileno()):
+                self._at_limit(f"{max(budget.free(), 0)} fds free of RLIMIT_NOFILE="
+                               f"{budget.limit}, fewer than its channel holds")
+                break
             try:
                 batch = channel.recv()
             except (OSError, ValueError) as e:
-                hint = ""
                 if isinstance(e, OSError) and e.errno == errno.EMSGSIZE:
-                    hint = " (the fds of a batch did not fit: out of fds? RLIMIT_NOFILE)"
-                log.error("fastcluster: worker data channel failed (%s%s); taking no more "
-                          "connections", e, hint)
+                    self._at_limit(f"a batch did not fit under RLIMIT_NOFILE ({e}); its "
+                                   "connections are lost")
+                    break
+                log.error("fastcluster: worker data channel failed (%s); taking no more "
+                          "connections", e)
                 self._close_channel()
                 if self.on_failure is not None:
                     self.on_failure()
@@ -170,16 +195,40 @@ class Intake:
                 break
             if not batch:
                 break
+            if budget is not None:
+                budget.held += len(batch)
+                lower = budget.lower(self.window)
+                if lower < self.window and self.on_window is not None:
+                    self.window = lower
+                    self.on_window(lower)  # the primary sends no batch larger from now
             for lid, fd in batch:
                 port = self.ports.get(lid)
                 if port is None or port.closed:
                     os.close(fd)
-                    channel.connection_closed(1)
+                    self.connection_closed()
                     continue
                 port.fds.append(fd)
                 touched.add(port)
         for port in touched:
             port.sync()
+
+    def _at_limit(self, why: str) -> None:
+        log.error("fastcluster: worker out of fds (%s): taking no more connections; "
+                  "the ones its channel holds go to other workers", why)
+        self.hand_back()
+        if self.on_limit is not None:
+            self.on_limit(why)
+
+    def hand_back(self) -> None:
+        """Closes the channel unread: the primary passes what it holds on."""
+        with self.lock:
+            self._close_channel()
+
+    def limit_window(self, window: int) -> int:
+        """Lowers the window (never raises it); returns the window now."""
+        with self.lock:
+            self.window = max(1, min(self.window, window))
+            return self.window
 
     def _close_channel(self) -> None:
         if self.stopped and self.channel is None:
@@ -202,6 +251,8 @@ class Intake:
             return sum(len(p.fds) for p in self.ports.values())
 
     def connection_closed(self) -> None:
+        if self.budget is not None:
+            self.budget.held -= 1
         if self.channel is not None:
             self.channel.connection_closed(1)
 

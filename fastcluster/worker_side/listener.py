@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import http.server
 import socket
+import socketserver
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,11 +99,30 @@ class IntakeListener(Listener):
         self._intake.close_port(self._port)
 
 
+def server_concurrency(server: Any) -> int | None:
+    """How many connections a socketserver server starts at once: its
+    `fastcluster_concurrency` if it says (an int > 0: a pool's size), 1 if it
+    serves each request inline (BaseServer.process_request, as HTTPServer
+    and TCPServer do), None (no bound) if it hands them to threads or
+    processes (ThreadingMixIn, ForkingMixIn, its own process_request)."""
+    said = getattr(server, "fastcluster_concurrency", None)
+    if isinstance(said, int) and not isinstance(said, bool) and said > 0:
+        return said
+    process = getattr(type(server), "process_request", None)
+    return 1 if process is socketserver.BaseServer.process_request else None
+
+
 def listen_server(server: Any, listen: Callable[[Any, int | None], Listener],
-                  backlog: int | None = None) -> Any:
+                  backlog: int | None = None,
+                  declare: Callable[[int], None] | None = None) -> Any:
     """Makes a socketserver server (e.g. http.server.HTTPServer, built with
     bind_and_activate=False) take its connections through the cluster, on
-    its server_address. Returns the server."""
+    its server_address. Returns the server. declare(n), if given, is told
+    first how many connections the server starts at once (so the worker
+    holds no more than that: intake.py)."""
+    concurrency = server_concurrency(server)
+    if declare is not None and concurrency is not None:
+        declare(concurrency)
     old = getattr(server, "socket", None)
     listener = listen(server.server_address, backlog)
     if isinstance(old, socket.socket):

@@ -196,7 +196,31 @@ class Outbound:
                                     or backlog < 0):
             raise ValueError(f"backlog must be an int >= 0 or None, got {backlog!r}")
         wire = _address.numeric_wire(_address.to_wire(address))  # no DNS in the primary
+        if isinstance(wire, str) and not wire.startswith("\0"):
+            wire = os.path.abspath(wire)  # relative to this worker's cwd, as in Node
+        self.size_window()  # the worker's main may have lowered RLIMIT_NOFILE
         return {"t": "listen", "address": wire, "backlog": backlog}
+
+    def size_window(self) -> None:
+        """Lowers the window to what this worker's free fds can take."""
+        budget = self.intake.budget
+        if budget is not None:
+            with self.intake.lock:
+                budget.count()
+                window = budget.window(self.intake.window)
+            self.limit_window(window)
+
+    def limit_window(self, window: int) -> None:
+        """At most window fds in flight to this worker from now (never raised):
+        the primary's dispatcher follows. Before a listen, so no batch comes
+        larger than that."""
+        before = self.intake.window
+        now = self.intake.limit_window(window)
+        if now < before:
+            self.tell_window(now)
+
+    def tell_window(self, window: int) -> None:
+        self._send_quiet({"t": "intake", "window": window})
 
     def make_listener(self, reply: Frame, fds: list[int]) -> Listener:
         """Builds the Listener a listen reply describes (raises its error)."""
@@ -223,6 +247,8 @@ class Outbound:
             for fd in fds[1:]:
                 os.close(fd)
             listener = SocketListener(socket.socket(fileno=fds[0]), self)
+            if family == socket.AF_UNIX:
+                listener._name = address  # absolute; the primary may have bound it relative
         else:
             for fd in fds:
                 os.close(fd)

@@ -50,6 +50,7 @@ from ..wire.frames import MAX_FRAME, Frame
 from ..wire.handle import Worker
 from ..wire.listener import Listener
 from . import heart as _heartbeat
+from .fdbudget import FdBudget
 from .intake import Intake
 from .outbound import Outbound, OwnWorker, Waiter
 
@@ -57,9 +58,8 @@ log = logging.getLogger("fastcluster")
 
 TICK = 0.05  # seconds between drain checks while disconnecting
 EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel closed
-# Seconds an asyncio main gets to return by itself once its servers ended
-# (asyncio.run()'s teardown included: a kick landing in it fails the worker,
-# uvloop: "Cannot close a running event loop"); then it is kicked.
+# Seconds an asyncio main gets to return by itself once its servers ended (a
+# kick landing in asyncio.run()'s teardown fails the worker), then it is kicked.
 AIO_RETURN_GRACE = 2.0
 
 
@@ -67,7 +67,7 @@ class WorkerRuntime(Outbound):
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
-                 graceful_timeout: float, max_frame: int = MAX_FRAME) -> None:
+                 graceful_timeout: float, max_frame: int = MAX_FRAME, window: int = 128) -> None:
         self.worker: Worker = OwnWorker(worker_id, self, os.getpid())
         self.max_frame = max_frame  # the primary's setting: a bigger frame gets us killed
         self.ctl = ControlSocket(ctl, accept_fds=True, max_frame=max_frame)
@@ -100,12 +100,15 @@ class WorkerRuntime(Outbound):
         self._data_fd: int | None = None
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
+        intake.on_limit, intake.on_window = (lambda why: self.post("fd limit")), self.tell_window
+        intake.budget, intake.window = FdBudget(), window  # fdbudget.py
 
     # -- life cycle (called by boot.py) -----------------------------------------
 
     def start(self) -> None:
         self._send({"t": "online", "pid": os.getpid()})
         self.worker.state = "online"
+        self.size_window()
         os.register_at_fork(after_in_child=self._forked_away)
         self._thread = threading.Thread(target=self._run, name="fastcluster-channel",
                                         daemon=True)
@@ -223,6 +226,13 @@ class WorkerRuntime(Outbound):
             # a primary with `respawn` replaces it.
             log.error("fastcluster: worker %d exits once its open connections finish",
                       self.worker.id)
+            self._begin_disconnect(by_primary=True)
+        elif word == "fd limit":
+            # channel handed back; the primary replaces us now; finish what we hold
+            log.error("fastcluster: worker %d is at its fd limit: it leaves, with %d "
+                      "connection(s) open; a replacement starts now", self.worker.id,
+                      self.pending())
+            self._send_quiet({"t": "leaving", "reason": "fd limit"})
             self._begin_disconnect(by_primary=True)
         elif word == "early":
             self._deliver(self._replay_early)
