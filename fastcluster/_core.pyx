@@ -350,3 +350,6 @@ cdef class Dispatcher:
 
     def close(self):
         self._release()
+
+
+include "_core_steer.pxi"
