@@ -25,7 +25,9 @@ def _steer_error(int err, str call, bytes log):
     text = log.decode("utf-8", "replace").strip()
     msg = f"{call}: {_os.strerror(err)}"
     if text:
-        tail = text if len(text) <= STEER_LOG_SHOWN else "..." + text[-STEER_LOG_SHOWN:]
+        tail = text
+        if len(text) > STEER_LOG_SHOWN:  # the reason is at the end
+            tail = "..." + text[len(text) - STEER_LOG_SHOWN:]
         msg += f"; the verifier refused the program:\n{tail}"
     exc = OSError(err, msg)
     exc.verifier_log = text
@@ -56,7 +58,7 @@ cdef class Steer:
         if mode not in _STEER_MODES:
             raise ValueError(f"mode must be STEER_PLAIN, STEER_EBPF or STEER_CBPF, got {mode!r}")
         self._nslots = nslots
-        log = <char *>malloc(STEER_LOG_SIZE)
+        log = <char *>calloc(1, STEER_LOG_SIZE)  # zeroed: valgrind cannot see the kernel write it
         if log == NULL:
             raise MemoryError()
         try:
@@ -221,7 +223,7 @@ def steer_load_program(insns):
     cdef int r
     if len(code) == 0 or len(code) % 8:
         raise ValueError(f"insns must be a non-empty multiple of 8 bytes, got {len(code)}")
-    log = <char *>malloc(STEER_LOG_SIZE)
+    log = <char *>calloc(1, STEER_LOG_SIZE)  # zeroed: valgrind cannot see the kernel write it
     if log == NULL:
         raise MemoryError()
     try:

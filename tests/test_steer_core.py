@@ -251,6 +251,12 @@ def test_verifier_refusal_comes_back_with_its_log() -> None:
     assert str(exc.value).startswith(f"[Errno {exc.value.errno}] bpf(BPF_PROG_LOAD): ")
     assert "R0 !read_ok" in str(exc.value)
     assert "R0 !read_ok" in exc.value.verifier_log  # type: ignore[attr-defined]
+    # a long log: the message keeps its tail, where the reason is
+    mov_r0_0, mov_r0_r2 = bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), bytes([0xbf, 0x20, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(OSError) as exc:
+        _core.steer_load_program(mov_r0_0 * 600 + mov_r0_r2 + exit_only)
+    assert "R2 !read_ok" in str(exc.value) and len(str(exc.value)) < 4200
+    assert len(exc.value.verifier_log) > 4000  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="multiple of 8"):
         _core.steer_load_program(b"\x95\0\0")
 
