@@ -5,6 +5,7 @@
 #include "steer.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -80,8 +81,8 @@ static int make_memfd_pages(fc_steer *s)
     return 0;
 }
 
-int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
-                 char *log, size_t logsz)
+static int steer_new(fc_steer **out, int nslots, int mode, int share_fd, const char **call,
+                     char *log, size_t logsz)
 {
     fc_steer *s;
     int r;
@@ -111,12 +112,22 @@ int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
     }
     for (int i = 0; i < nslots; i++)
         s->sock[i] = s->index[i] = -1;
+    if (share_fd >= 0) {
+        *call = "fcntl(F_DUPFD_CLOEXEC)";
+        s->pages_fd = fcntl(share_fd, F_DUPFD_CLOEXEC, 0);
+        if (s->pages_fd < 0) {
+            r = -errno;
+            goto fail;
+        }
+    }
     if (mode == FC_STEER_EBPF) {
         r = fc_steer_prog_ebpf(nslots, s->page, &s->pages_fd, &s->sockarray_fd, &s->prog_fd,
                                call, log, logsz);
-    } else {
+    } else if (share_fd < 0) {
         *call = "memfd_create";
         r = make_memfd_pages(s);
+    } else {
+        r = 0;
     }
     if (r < 0)
         goto fail;
@@ -127,14 +138,30 @@ int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
         r = -errno;
         goto fail;
     }
-    for (int i = 0; i < nslots; i++)
-        page_store(&page_of(s, i)->bias, FC_STEER_BIAS_EMPTY);
+    if (share_fd < 0)
+        for (int i = 0; i < nslots; i++)
+            page_store(&page_of(s, i)->bias, FC_STEER_BIAS_EMPTY);
     *call = none;
     *out = s;
     return 0;
 fail:
     fc_steer_free(s);
     return r;
+}
+
+int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
+                 char *log, size_t logsz)
+{
+    return steer_new(out, nslots, mode, -1, call, log, logsz);
+}
+
+int fc_steer_new_shared(fc_steer **out, const fc_steer *share, const char **call,
+                        char *log, size_t logsz)
+{
+    *call = "fc_steer_new_shared";
+    if (!share)
+        return -EINVAL;
+    return steer_new(out, share->nslots, share->mode, share->pages_fd, call, log, logsz);
 }
 
 void fc_steer_free(fc_steer *s)
@@ -194,7 +221,8 @@ int fc_steer_add_socket(fc_steer *s, int slot, int fd)
     s->index[slot] = s->norder;
     s->order[s->norder++] = slot;
     s->cbpf_dirty = 1;
-    page_store(&page_of(s, slot)->bias, 0);
+    if (fc_steer_page_load(&page_of(s, slot)->bias) == FC_STEER_BIAS_EMPTY)
+        page_store(&page_of(s, slot)->bias, 0);
     if (s->mode == FC_STEER_CBPF) {
         r = fc_steer_tick(s);
         if (r < 0)
@@ -211,7 +239,6 @@ int fc_steer_remove_socket(fc_steer *s, int slot)
         return -EINVAL;
     if (s->sock[slot] < 0)
         return -ENOENT;
-    page_store(&page_of(s, slot)->bias, FC_STEER_BIAS_EMPTY);
     if (s->mode == FC_STEER_EBPF)
         fc_steer_sockarray_del(s->sockarray_fd, slot); /* the kernel drops it on close anyway */
     /* The kernel's group: the last socket takes the closed one's index. */
@@ -252,9 +279,9 @@ static int queue_depth(int fd, int32_t *queued, int32_t *limit)
     return 0;
 }
 
-int fc_steer_reconcile(fc_steer *s, int slot)
+int fc_steer_reconcile(fc_steer *s, int slot, int queued_total)
 {
-    int32_t queued = 0, limit = 0;
+    int32_t queued = queued_total, limit = 0;
     fc_steer_page *p;
     uint64_t done;
     int r;
@@ -262,12 +289,14 @@ int fc_steer_reconcile(fc_steer *s, int slot)
     s->call = "fc_steer_reconcile";
     if (!valid_slot(s, slot))
         return -EINVAL;
-    if (s->sock[slot] < 0)
-        return -ENOENT;
-    s->call = "getsockopt(TCP_INFO)";
-    r = queue_depth(s->sock[slot], &queued, &limit);
-    if (r < 0)
-        return r;
+    if (queued_total < 0) {
+        if (s->sock[slot] < 0)
+            return -ENOENT;
+        s->call = "getsockopt(TCP_INFO)";
+        r = queue_depth(s->sock[slot], &queued, &limit);
+        if (r < 0)
+            return r;
+    }
     p = page_of(s, slot);
     /* chosen - done must be what waits in the queue. Modulo 2^64 on purpose:
      * connections queued before the program counted make done "negative",

@@ -112,6 +112,11 @@ typedef struct fc_steer_stats {
  * (FC_STEER_BIAS_EMPTY). */
 int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
                  char *log, size_t logsz);
+/* The same, over share's counters pages (same mode and nslots): a primary
+ * with several addresses steers them all by each worker's total load, and a
+ * worker maps one page. The pages' biases are left as they are. */
+int fc_steer_new_shared(fc_steer **out, const fc_steer *share, const char **call,
+                        char *log, size_t logsz);
 void fc_steer_free(fc_steer *s);
 int fc_steer_mode(const fc_steer *s);
 int fc_steer_nslots(const fc_steer *s);
@@ -126,18 +131,22 @@ const char *fc_steer_last_call(const fc_steer *s);
 
 /* Socket fd (listening, SO_REUSEPORT, the caller's) serves slot: put in the
  * sockarray and the program attached (eBPF), or appended to the group order
- * (cBPF). The slot's bias becomes 0. -EBUSY if the slot has one already. */
+ * (cBPF). A slot still FC_STEER_BIAS_EMPTY gets bias 0. -EBUSY if the slot
+ * has one already. */
 int fc_steer_add_socket(fc_steer *s, int slot, int fd);
 /* The slot's socket is about to be closed for good: out of the sockarray,
- * out of the group order (the last socket takes its index), bias EMPTY. */
+ * out of the group order (the last socket takes its index). The bias stays
+ * (the caller biased the slot out before draining it). */
 int fc_steer_remove_socket(fc_steer *s, int slot);
 
 int fc_steer_set_bias(fc_steer *s, int slot, uint64_t bias);
 
 /* For a replacement worker: the connections the old worker had accepted
  * died with it, so the slot's open count becomes what is queued now:
- * done = chosen - queued (eBPF) and accepted = done. Returns queued. */
-int fc_steer_reconcile(fc_steer *s, int slot);
+ * done = chosen - queued (eBPF) and accepted = done. queued < 0: this
+ * steer's socket's queue (give the sum over the addresses that share the
+ * pages). Returns queued. */
+int fc_steer_reconcile(fc_steer *s, int slot, int queued);
 
 int fc_steer_info_get(const fc_steer *s, int slot, fc_steer_info *out);
 void fc_steer_stats_get(const fc_steer *s, fc_steer_stats *out);

@@ -339,12 +339,16 @@ int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd
     prog_asm *a;
     int r;
 
-    *pages_fd = *sockarray_fd = *prog_fd = -1;
-    *call = "bpf(BPF_MAP_CREATE, ARRAY)";
-    r = map_create(BPF_MAP_TYPE_ARRAY, 4, (uint32_t)page, (uint32_t)nslots, BPF_F_MMAPABLE);
-    if (r < 0)
-        return r;
-    *pages_fd = r;
+    int own_pages = *pages_fd < 0;
+
+    *sockarray_fd = *prog_fd = -1;
+    if (own_pages) {
+        *call = "bpf(BPF_MAP_CREATE, ARRAY)";
+        r = map_create(BPF_MAP_TYPE_ARRAY, 4, (uint32_t)page, (uint32_t)nslots, BPF_F_MMAPABLE);
+        if (r < 0)
+            return r;
+        *pages_fd = r;
+    }
     *call = "bpf(BPF_MAP_CREATE, REUSEPORT_SOCKARRAY)";
     r = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, (uint32_t)nslots, 0);
     if (r < 0)
@@ -367,11 +371,13 @@ int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd
     *prog_fd = r;
     return 0;
 fail:
-    if (*pages_fd >= 0)
+    if (own_pages && *pages_fd >= 0) {
         close(*pages_fd);
+        *pages_fd = -1;
+    }
     if (*sockarray_fd >= 0)
         close(*sockarray_fd);
-    *pages_fd = *sockarray_fd = -1;
+    *sockarray_fd = -1;
     return r;
 }
 

@@ -7,9 +7,10 @@
 #include <stdint.h>
 
 /* Creates the counters map (ARRAY, BPF_F_MMAPABLE, nslots values of page
- * bytes), the REUSEPORT_SOCKARRAY and the SK_REUSEPORT program over them.
- * Returns 0 with the three fds (close-on-exec), or -errno with *call and the
- * verifier's log (fc_steer_new's contract). */
+ * bytes) unless *pages_fd is one already (>= 0, kept on failure), the
+ * REUSEPORT_SOCKARRAY and the SK_REUSEPORT program over them. Returns 0 with
+ * the fds (close-on-exec), or -errno with *call and the verifier's log
+ * (fc_steer_new's contract). */
 int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd,
                        int *prog_fd, const char **call, char *log, size_t logsz);
 

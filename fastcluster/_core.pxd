@@ -114,6 +114,8 @@ cdef extern from "steer.h" nogil:
         uint64_t errors
     int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
                      char *log, size_t logsz)
+    int fc_steer_new_shared(fc_steer **out, const fc_steer *share, const char **call,
+                            char *log, size_t logsz)
     void fc_steer_free(fc_steer *s)
     int fc_steer_mode(const fc_steer *s)
     int fc_steer_nslots(const fc_steer *s)
@@ -123,7 +125,7 @@ cdef extern from "steer.h" nogil:
     int fc_steer_add_socket(fc_steer *s, int slot, int fd)
     int fc_steer_remove_socket(fc_steer *s, int slot)
     int fc_steer_set_bias(fc_steer *s, int slot, uint64_t bias)
-    int fc_steer_reconcile(fc_steer *s, int slot)
+    int fc_steer_reconcile(fc_steer *s, int slot, int queued)
     int fc_steer_info_get(const fc_steer *s, int slot, fc_steer_info *out)
     void fc_steer_stats_get(const fc_steer *s, fc_steer_stats *out)
     int fc_steer_tick(fc_steer *s)

@@ -127,7 +127,9 @@ class Steer:
     naming the failed call; a verifier refusal carries the log in the
     message's tail and in full as .verifier_log."""
 
-    def __init__(self, nslots: int, mode: int = ...) -> None: ...
+    def __init__(self, nslots: int, mode: int = ..., share: Steer | None = None) -> None:
+        """share: steer over share's counter pages (several addresses, one
+        load per worker); nslots and mode must be share's."""
     @property
     def mode(self) -> int: ...
     @property
@@ -140,12 +142,14 @@ class Steer:
         """The counters' fd (the steer's): slot i's page at i * STEER_PAGE_SIZE."""
     def add_socket(self, slot: int, fd: int) -> None:
         """fd (listening, SO_REUSEPORT, the caller's) serves slot; call right
-        after listen(), in listen order. The slot's bias becomes 0."""
+        after listen(), in listen order. A slot still STEER_BIAS_EMPTY gets 0."""
     def remove_socket(self, slot: int) -> None:
-        """Call right before the close() that really closes the slot's socket."""
+        """Call right before the close() that really closes the slot's socket.
+        The bias stays as the caller set it."""
     def set_bias(self, slot: int, bias: int) -> None: ...
-    def reconcile(self, slot: int) -> int:
-        """For a replacement worker: open := queued now. Returns queued."""
+    def reconcile(self, slot: int, queued: int | None = None) -> int:
+        """For a replacement worker: open := queued (None: this steer's
+        socket's queue; give the sum over steers sharing pages). Returns it."""
     def info(self, slot: int) -> dict[str, int]:
         """{"chosen", "done", "bias", "accepted", "queued", "qlimit", "weight",
         "index"}; queued/qlimit -1 without a socket."""

@@ -47,12 +47,19 @@ cdef class Steer:
     cdef Dispatcher hooked
     cdef int hooked_fd
 
-    def __cinit__(self, int nslots, int mode=FC_STEER_EBPF):
+    def __cinit__(self, int nslots, int mode=FC_STEER_EBPF, Steer share=None):
         cdef const char *call = NULL
         cdef char *log
         cdef int r
+        cdef fc_steer *shared = NULL
         self.s = NULL
         self.hooked_fd = -1
+        if share is not None:
+            shared = share.ptr()
+            if nslots != share._nslots or mode != fc_steer_mode(shared):
+                raise ValueError("share must have the same nslots and mode "
+                                 f"({share._nslots}, {fc_steer_mode(shared)}), "
+                                 f"got {nslots}, {mode}")
         if nslots < 1 or nslots > FC_STEER_MAX_SLOTS:
             raise ValueError(f"nslots must be 1 to {FC_STEER_MAX_SLOTS}, got {nslots}")
         if mode not in _STEER_MODES:
@@ -63,7 +70,10 @@ cdef class Steer:
             raise MemoryError()
         try:
             with nogil:
-                r = fc_steer_new(&self.s, nslots, mode, &call, log, STEER_LOG_SIZE)
+                if shared != NULL:
+                    r = fc_steer_new_shared(&self.s, shared, &call, log, STEER_LOG_SIZE)
+                else:
+                    r = fc_steer_new(&self.s, nslots, mode, &call, log, STEER_LOG_SIZE)
             if r < 0:
                 raise _steer_error(-r, call.decode(), bytes(log))
         finally:
@@ -115,9 +125,14 @@ cdef class Steer:
             raise ValueError(f"bias must be an int 0 to STEER_BIAS_EMPTY, got {bias!r}")
         self._check(fc_steer_set_bias(s, _slot_arg(slot, self._nslots), bias))
 
-    def reconcile(self, int slot):
+    def reconcile(self, int slot, queued=None):
         cdef fc_steer *s = self.ptr()
-        return self._check(fc_steer_reconcile(s, _slot_arg(slot, self._nslots)))
+        cdef int q = -1
+        if queued is not None:
+            if not isinstance(queued, int) or queued < 0 or queued > 0x7fffffff:
+                raise ValueError(f"queued must be an int >= 0 or None, got {queued!r}")
+            q = queued
+        return self._check(fc_steer_reconcile(s, _slot_arg(slot, self._nslots), q))
 
     def info(self, int slot):
         cdef fc_steer_info i

@@ -356,3 +356,23 @@ def test_ebpf_refuses_a_socket_that_is_not_listening(stack: ExitStack) -> None:
         steer.add_socket(0, s.fileno())
     assert "bpf(BPF_MAP_UPDATE_ELEM)" in str(exc.value)
     assert steer.info(0)["index"] == -1
+
+
+@needs_bpf
+def test_steers_sharing_pages_balance_by_the_worker_total(stack: ExitStack) -> None:
+    a, ga = make(stack, 2, EBPF)
+    a.set_bias(1, _core.STEER_BIAS_OUT)
+    ga.connect(4)  # four open in slot 0 through address A
+    assert queues(a, 4) == [4, 0]
+    a.set_bias(1, 0)
+    gb = Group(stack, 2)
+    b = _core.Steer(2, EBPF, share=a)
+    stack.callback(b.close)
+    for i in range(2):
+        b.add_socket(i, gb.fd(i))
+    gb.connect(4)  # address B sees slot 0's four: all four go to slot 1
+    assert queues(b, 4) == [0, 4]
+    assert b.info(0)["chosen"] == 4 and a.reconcile(0, queued=1) == 1
+    assert b.info(0)["chosen"] - b.info(0)["done"] == 1
+    with pytest.raises(ValueError, match="same nslots and mode"):
+        _core.Steer(3, EBPF, share=a)
