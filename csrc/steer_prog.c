@@ -414,6 +414,7 @@ int fc_steer_cbpf_attach(int sock_fd, const int *order, int norder, const uint32
         f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, cum, 1, 0);
         f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, (uint32_t)k);
     }
+    memset(&prog, 0, sizeof(prog)); /* the padding after len goes to the kernel too */
     prog.len = (unsigned short)n;
     prog.filter = f;
     if (setsockopt(sock_fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog)) < 0)
