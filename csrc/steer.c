@@ -25,7 +25,8 @@ struct fc_steer {
     size_t page;           /* bytes per slot */
     int pages_fd;          /* the counters: BPF array map (eBPF) or memfd */
     int sockarray_fd;      /* eBPF: slot -> socket */
-    int prog_fd;           /* eBPF program */
+    int prog_fd;           /* eBPF program, over slots [0, span) */
+    int span;              /* 1 + the highest slot that had a socket */
     int timer_fd;          /* cBPF tick timer, -1 until asked */
     unsigned char *pages;  /* our mapping of every slot's page */
     int *sock;             /* slot -> the caller's socket fd, -1: none */
@@ -101,6 +102,7 @@ static int steer_new(fc_steer **out, int nslots, int mode, int share_fd, const c
     s->nslots = nslots;
     s->page = fc_steer_page_size();
     s->pages_fd = s->sockarray_fd = s->prog_fd = s->timer_fd = -1;
+    s->span = 1;
     s->pages = MAP_FAILED;
     s->sock = malloc(sizeof(int) * (size_t)nslots);
     s->order = malloc(sizeof(int) * (size_t)nslots);
@@ -202,6 +204,17 @@ int fc_steer_add_socket(fc_steer *s, int slot, int fd)
         return -EBADF;
     if (s->sock[slot] >= 0)
         return -EBUSY;
+    if (s->mode == FC_STEER_EBPF && slot >= s->span) {
+        /* Choose among the slots in use only: p2c over a capacity of 256
+         * slots with two workers would nearly always draw empty ones. */
+        char none[1];
+        r = fc_steer_prog_load(slot + 1, s->pages_fd, s->sockarray_fd, &s->call, none, 0);
+        if (r < 0)
+            return r;
+        close(s->prog_fd);
+        s->prog_fd = r; /* attached below; the group drops the old one */
+        s->span = slot + 1;
+    }
     if (s->mode == FC_STEER_EBPF) {
         s->call = "bpf(BPF_MAP_UPDATE_ELEM)";
         r = fc_steer_sockarray_set(s->sockarray_fd, slot, fd);

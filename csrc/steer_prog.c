@@ -333,10 +333,32 @@ static int build(prog_asm *a, int nslots, int pages_fd, int sockarray_fd)
     return resolve(a);
 }
 
+int fc_steer_prog_load(int span, int pages_fd, int sockarray_fd, const char **call,
+                       char *log, size_t logsz)
+{
+    prog_asm *a;
+    int r;
+
+    *call = "steer: assembling the program";
+    if (span < 1 || span > FC_STEER_MAX_SLOTS)
+        return -EINVAL;
+    a = calloc(1, sizeof(*a));
+    if (!a)
+        return -ENOMEM;
+    r = build(a, span, pages_fd, sockarray_fd);
+    if (r == 0) {
+        *call = "bpf(BPF_PROG_LOAD)";
+        r = fc_steer_load_prog(a->insn, a->n, log, logsz);
+    }
+    free(a);
+    return r;
+}
+
+/* The maps, and a first program over slot 0 (so a refusal shows at once);
+ * fc_steer_add_socket widens it to the slots in use. */
 int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd,
                        int *prog_fd, const char **call, char *log, size_t logsz)
 {
-    prog_asm *a;
     int r;
 
     int own_pages = *pages_fd < 0;
@@ -354,18 +376,7 @@ int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd
     if (r < 0)
         goto fail;
     *sockarray_fd = r;
-    *call = "steer: assembling the program";
-    a = calloc(1, sizeof(*a));
-    if (!a) {
-        r = -ENOMEM;
-        goto fail;
-    }
-    r = build(a, nslots, *pages_fd, *sockarray_fd);
-    if (r == 0) {
-        *call = "bpf(BPF_PROG_LOAD)";
-        r = fc_steer_load_prog(a->insn, a->n, log, logsz);
-    }
-    free(a);
+    r = fc_steer_prog_load(1, *pages_fd, *sockarray_fd, call, log, logsz);
     if (r < 0)
         goto fail;
     *prog_fd = r;

@@ -14,6 +14,11 @@
 int fc_steer_prog_ebpf(int nslots, size_t page, int *pages_fd, int *sockarray_fd,
                        int *prog_fd, const char **call, char *log, size_t logsz);
 
+/* Loads the program over the maps for slots [0, span): the choice ranges
+ * over the slots in use, not over the maps' capacity. Returns its fd. */
+int fc_steer_prog_load(int span, int pages_fd, int sockarray_fd, const char **call,
+                       char *log, size_t logsz);
+
 int fc_steer_sockarray_set(int map_fd, int slot, int sock_fd);
 int fc_steer_sockarray_del(int map_fd, int slot);
 

@@ -117,6 +117,18 @@ def test_ebpf_spreads_queued_connections_exactly(stack: ExitStack, family: int) 
 
 
 @needs_bpf
+def test_ebpf_chooses_among_the_slots_in_use_not_the_capacity(stack: ExitStack) -> None:
+    # a primary's steer has room for 256 slots; two are in use
+    g = Group(stack, 2)
+    steer = _core.Steer(256, EBPF)
+    stack.callback(steer.close)
+    for i in range(2):
+        steer.add_socket(i, g.fd(i))
+    g.connect(10)
+    assert queues(steer, 10)[:2] == [5, 5]
+
+
+@needs_bpf
 def test_ebpf_sends_new_connections_to_the_slot_with_fewer_open(stack: ExitStack) -> None:
     steer, g = make(stack, 2, EBPF)
     g.connect(10)

@@ -23,7 +23,7 @@ from typing import Any
 from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
 
 ENV_PREFIX = "FASTCLUSTER_"
-POLICIES = ("rr", "least", "shared", "reuseport")
+POLICIES = ("rr", "least", "shared", "reuseport", "steer")
 
 
 class OptionError(ValueError):
@@ -185,7 +185,8 @@ OPTIONS: tuple[Option, ...] = (
            "address to serve: HOST:PORT, [IPv6]:PORT, :PORT or unix:PATH", "ADDR"),
     Option("policy", _choice(*POLICIES), "rr",
            "how connections reach workers: rr (primary accepts, round robin), least "
-           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker)",
+           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker), "
+           "steer (one socket per worker, the kernel picks the least loaded)",
            "|".join(POLICIES)),
     Option("interface", _choice("auto", "asgi", "wsgi"), "auto",
            "the app's interface (auto: an async callable is ASGI, else WSGI)",

@@ -128,7 +128,7 @@ class Primary(Operations, Signals, Channels):
                                          policy=core_policy(cfg.policy))
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
-            self.registry = Registry(self._get_dispatcher)
+            self.registry = Registry(self._get_dispatcher, self.NSLOTS, cfg.steer_mode)
             self.registry.inherited = _systemd.listen_fds()  # socket activation
             atexit.register(self._atexit)
         return self.table, self.dispatcher, self.registry
@@ -154,7 +154,7 @@ class Primary(Operations, Signals, Channels):
         cfg = self.config()
         spawn = cfg.start_method == "spawn"
         spec = prefork.main_spec(cfg, spawn)
-        table, dispatcher, _registry = self._ensure_core()
+        table, dispatcher, registry = self._ensure_core()
         if not spawn:
             prefork.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
@@ -168,6 +168,7 @@ class Primary(Operations, Signals, Channels):
             raise
         data_p.detach()  # the dispatcher's now
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
+        registry.steering.starting(slot)  # steer: the queue it inherits is its load
         worker = Worker(self._next_id, self)
         self._next_id += 1
         proc = Proc(worker, slot, extra)
@@ -372,6 +373,8 @@ class Primary(Operations, Signals, Channels):
         self.workers.pop(w.id, None)
         w.state = "dead"
         w.exited_after_disconnect = bool(w.exited_after_disconnect)
+        if self.registry is not None and not self._respawner.replaces(proc):
+            self.registry.steering.retire(proc.slot)  # steer: not refilled, its queues move on
         w.emit("exit", code, signame)
         self.events.emit("exit", w, code, signame)
         _hooks.call(self.config(), "worker_exit", w, code, signame)

@@ -35,7 +35,8 @@ log = logging.getLogger("fastcluster")
 
 
 def core_policy(policy: str) -> int:
-    return POLICY_LEAST if policy == "least" else POLICY_RR
+    # steer's fallback for what it cannot steer (Unix, systemd sockets) is `least`
+    return POLICY_LEAST if policy in ("least", "steer") else POLICY_RR
 
 
 class Operations:

@@ -61,9 +61,14 @@ class Respawner:
             t.cancel()
         self._pending.clear()
 
+    def replaces(self, proc: Proc) -> bool:
+        """Whether on_exit starts a replacement for proc (now or after a backoff)."""
+        p = self.p
+        return p.config().respawn and not p._stopping and not proc.worker.exited_after_disconnect
+
     def on_exit(self, proc: Proc, code: int | None, signame: str | None) -> None:
         p = self.p
-        if not p.config().respawn or p._stopping or proc.worker.exited_after_disconnect:
+        if not self.replaces(proc):
             return
         lifetime = time.monotonic() - proc.started
         backoff = p._backoff

@@ -44,6 +44,7 @@ import threading
 import time
 from typing import Any
 
+from .._core import SteerPage
 from ..wire.channel import ControlSocket
 from ..wire.errors import ProtocolError
 from ..wire.frames import Frame
@@ -97,6 +98,7 @@ class WorkerRuntime(Outbound):
         self._ep.register(self.ctl.fileno(), select.EPOLLIN)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._data_fd: int | None = None
+        self._steer_page: SteerPage | None = None  # steer: this worker's counters page
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
 
@@ -380,8 +382,12 @@ class WorkerRuntime(Outbound):
     def conn_opened(self, n: int = 1) -> None:
         with self._count_lock:
             self._open += n
+        if self._steer_page is not None:
+            self._steer_page.add_accepted(n)
 
     def conn_closed(self) -> None:
+        if self._steer_page is not None:
+            self._steer_page.add_done(1)  # the steer program reads it: fewest open wins
         with self._count_lock:
             self._open -= 1
             n = self._open
