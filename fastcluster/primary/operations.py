@@ -175,5 +175,7 @@ class Operations:
             if self.dispatcher is not None and not proc.dead:
                 with contextlib.suppress(OSError, ValueError):
                     d.update(self.dispatcher.slot_stats(proc.slot))
+            if self.registry is not None:  # steer: the kernel's choice, read from C
+                d["steer"] = self.registry.steering.slot_info(proc.slot)
             out.append(d)
         return out
