@@ -166,3 +166,60 @@ def test_ttou_and_rolling_restart_lose_nothing_under_load(tmp_path: Path, env: d
     assert load.failed == [], (load.ok, load.failed[:5])
     assert set(load.pids) & alive  # the ones left served after the change
     assert code == 0
+
+
+@needs_bpf
+def test_hung_worker_is_steered_away_from_before_it_is_killed(tmp_path: Path,
+                                                              env: dict[str, str]) -> None:
+    path, run_env, port = start(tmp_path, env, workers=2, policy="steer", timeout=1)
+    with running(path, run_env) as r:
+        hung, other = pids_of(r.wait_for("listening", 2))
+        os.kill(hung, signal.SIGSTOP)  # no heartbeat: the watchdog takes it for hung
+        r.wait_for("fastcluster: worker", timeout=10)  # "... is hung: ...; SIGABRT"
+        assert any("is hung" in ln for ln in r.seen), r.seen
+        # fewest open would give it half of these; biased out, it gets none
+        assert ask(hold(port, 6)) == collections.Counter({other: 6})
+        r.wait_for("exit", timeout=10)
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0
+
+
+UNIX = """
+import logging, os, socket
+import fastcluster as cluster
+if cluster.is_primary:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cluster.setup_primary(policy="steer")
+    cluster.on("listening", lambda w, a: print("listening", w.id, w.pid, flush=True))
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+else:
+    lst = cluster.listen(os.environ["SOCK"])
+    while True:
+        conn, _ = lst.accept()
+        with conn:
+            conn.sendall(str(os.getpid()).encode())
+"""
+
+
+def test_unix_address_falls_back_to_least_with_a_log_line(tmp_path: Path,
+                                                         env: dict[str, str]) -> None:
+    path = tmp_path / "unix.py"
+    path.write_text(UNIX)
+    sock_path = str(tmp_path / "s.sock")
+    with running(path, dict(env, SOCK=sock_path)) as r:
+        pids = set(pids_of(r.wait_for("listening", 2)))
+        r.wait_for("steer: ")
+        assert any("is a Unix socket" in ln and "least" in ln for ln in r.seen), r.seen
+        served: collections.Counter[int] = collections.Counter()
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(5)
+                c.connect(sock_path)
+                served[int(c.recv(64))] += 1
+        assert set(served) == pids  # least over idle workers alternates
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0
