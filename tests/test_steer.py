@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,12 +136,13 @@ def test_queued_connections_survive_a_sigkilled_worker(tmp_path: Path,
 
 
 @needs_bpf
-@pytest.mark.parametrize("how", ["ttou", "hup"])
+@pytest.mark.parametrize("how", ["ttou", "hup", "hup-spawn"])
 def test_ttou_and_rolling_restart_lose_nothing_under_load(tmp_path: Path, env: dict[str, str],
                                                           how: str) -> None:
     workers = 3
+    method = "spawn" if how.endswith("spawn") else "fork"  # spawn: the fds come by message
     path, run_env, port = start(tmp_path, env, workers=workers, policy="steer",
-                                graceful_timeout=5)
+                                graceful_timeout=5, start_method=method)
     with running(path, run_env) as r:
         first = set(pids_of(r.wait_for("listening", workers)))
         load = Load(port, max_requests=6000, max_seconds=20)
@@ -152,7 +154,7 @@ def test_ttou_and_rolling_restart_lose_nothing_under_load(tmp_path: Path, env: d
                 r.signal(signal.SIGTTOU)
                 r.wait_for("exit", 2, timeout=5)
                 assert wait_until(lambda: len(live_workers(r.seen)) == 1, 3, r)
-            else:
+            else:  # rolling restart: replacements in new slots, the old slots retired
                 r.signal(signal.SIGHUP)
                 assert wait_until(lambda: not live_workers(r.seen) & first
                                   and len(live_workers(r.seen)) == workers, 15, r)
@@ -228,3 +230,38 @@ def test_unix_address_falls_back_to_least_with_a_log_line(tmp_path: Path,
         r.signal(signal.SIGTERM)
         code, _out = r.finish()
     assert code == 0
+
+
+def test_a_systemd_socket_is_served_under_least_with_the_reason(tmp_path: Path,
+                                                               env: dict[str, str]) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    path, run_env, _ = start(tmp_path, env, workers=2, policy="steer")
+    run_env.update(PORT=str(port))
+    # as systemd does: the socket is fd 3, LISTEN_PID is the pid that execs the service
+    shim = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+    proc = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), str(path)],
+                            env=run_env, cwd=tmp_path, pass_fds=(listener.fileno(),),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener.close()
+    try:
+        deadline = time.monotonic() + 10
+        statuses: list[int] = []
+        while time.monotonic() < deadline and len(statuses) < 6:
+            try:
+                statuses.append(http_get(port)[0])
+            except OSError:
+                time.sleep(0.05)  # the workers are not listening yet: queued, or refused
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert statuses == [200] * 6, out
+    assert "came from systemd, listening already: served under `least`" in out, out
+    assert proc.returncode == 0, out
