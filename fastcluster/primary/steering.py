@@ -28,7 +28,11 @@ A slot's life (bias: what the program adds to a slot's load):
                             reset, which the bias keeps small)
 
 Nothing a worker writes in its page can reach the primary's state beyond the
-program's choice: the C clamps every figure it reads.
+program's choice: the C clamps every figure it reads. Known gap: the pages'
+fd reaches the worker with its listen reply, inside cluster.listen(), and is
+closed there; a worker already compromised when it listens could keep it and
+write a sibling's counters (skewing the balance, nothing more). Mapping the
+page at the fork seam, before any user code, would close that.
 """
 
 from __future__ import annotations
