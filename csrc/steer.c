@@ -236,11 +236,8 @@ int fc_steer_add_socket(fc_steer *s, int slot, int fd)
     s->cbpf_dirty = 1;
     if (fc_steer_page_load(&page_of(s, slot)->bias) == FC_STEER_BIAS_EMPTY)
         page_store(&page_of(s, slot)->bias, 0);
-    if (s->mode == FC_STEER_CBPF) {
-        r = fc_steer_tick(s);
-        if (r < 0)
-            return r; /* the socket stays added: the next tick retries */
-    }
+    if (s->mode == FC_STEER_CBPF)
+        fc_steer_tick(s); /* a failed attach is counted (stats.errors); the next tick retries */
     return 0;
 }
 

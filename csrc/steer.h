@@ -131,8 +131,9 @@ const char *fc_steer_last_call(const fc_steer *s);
 
 /* Socket fd (listening, SO_REUSEPORT, the caller's) serves slot: put in the
  * sockarray and the program attached (eBPF), or appended to the group order
- * (cBPF). A slot still FC_STEER_BIAS_EMPTY gets bias 0. -EBUSY if the slot
- * has one already. */
+ * (cBPF; a failed attach there is counted in stats.errors and retried by
+ * the next tick). A slot still FC_STEER_BIAS_EMPTY gets bias 0. -EBUSY if
+ * the slot has one already. */
 int fc_steer_add_socket(fc_steer *s, int slot, int fd);
 /* The slot's socket is about to be closed for good: out of the sockarray,
  * out of the group order (the last socket takes its index). The bias stays
