@@ -9,6 +9,7 @@ Every client loop is bounded in count and time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -265,3 +266,28 @@ def test_a_systemd_socket_is_served_under_least_with_the_reason(tmp_path: Path,
     assert statuses == [200] * 6, out
     assert "came from systemd, listening already: served under `least`" in out, out
     assert proc.returncode == 0, out
+
+
+@needs_bpf
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_worker_maps_only_its_own_page_and_holds_no_bpf_fd(tmp_path: Path,
+                                                             env: dict[str, str],
+                                                             method: str) -> None:
+    path, run_env, port = start(tmp_path, env, workers=2, policy="steer", start_method=method)
+    with running(path, run_env) as r:
+        pids = pids_of(r.wait_for("listening", 2))
+        assert http_get(port)[0] == 200
+        for pid in pids:
+            targets = []
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            assert not [t for t in targets if "bpf" in t or "fastcluster-steer" in t], targets
+            with open(f"/proc/{pid}/maps") as f:
+                maps = [ln.split() for ln in f if "bpf-map" in ln or "fastcluster-steer" in ln]
+            assert len(maps) == 1, maps  # its own page, nothing of the siblings'
+            lo, hi = (int(x, 16) for x in maps[0][0].split("-"))
+            assert hi - lo == _core.STEER_PAGE_SIZE, maps
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0

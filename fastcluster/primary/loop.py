@@ -168,7 +168,7 @@ class Primary(Operations, Signals, Channels):
             raise
         data_p.detach()  # the dispatcher's now
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
-        registry.steering.starting(slot)  # steer: the queue it inherits is its load
+        registry.steering.starting(slot, cfg, forked=not spawn)  # steer: its pages, its queue
         worker = Worker(self._next_id, self)
         self._next_id += 1
         proc = Proc(worker, slot, extra)
@@ -218,6 +218,7 @@ class Primary(Operations, Signals, Channels):
         assert table is not None
         settings = dict(self.settings)
         ctl_p.close()
+        page = self.registry.steering.child_page(proc.slot) if self.registry else None
         self._drop_in_child()
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
@@ -225,7 +226,7 @@ class Primary(Operations, Signals, Channels):
         # (worker_side/boot.py's start_child, given by fastcluster/_role.py).
         return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
                                  ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
-                                 env=env, settings=settings)
+                                 env=env, settings=settings, steer_page=page)
 
     def _drop_in_child(self) -> None:
         with contextlib.suppress(ValueError):
@@ -367,14 +368,13 @@ class Primary(Operations, Signals, Channels):
             with contextlib.suppress(OSError):
                 self.dispatcher.remove_worker(proc.slot)
         if self.registry is not None:
-            self.registry.drop_worker(proc.slot, in_dispatcher=False)
+            self.registry.drop_worker(proc.slot, in_dispatcher=False,
+                                      retire=not self._respawner.replaces(proc))
         self._by_slot.pop(proc.slot, None)
         self._procs.pop(w.id, None)
         self.workers.pop(w.id, None)
         w.state = "dead"
         w.exited_after_disconnect = bool(w.exited_after_disconnect)
-        if self.registry is not None and not self._respawner.replaces(proc):
-            self.registry.steering.retire(proc.slot)  # steer: not refilled, its queues move on
         w.emit("exit", code, signame)
         self.events.emit("exit", w, code, signame)
         _hooks.call(self.config(), "worker_exit", w, code, signame)

@@ -113,8 +113,9 @@ class Registry:
             except OSError as e:
                 return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
                         "strerror": f"{e.strerror or e}: {_shown(wire)}"}, []
-            reply.update(nfds=2, slot=slot, steer=self.steering.mode_name)
-            return reply, [sock.fileno(), self.steering.pages_fd()]
+            fds = [sock.fileno(), *self.steering.pages_fds(slot)]
+            reply.update(nfds=len(fds), slot=slot, steer=self.steering.mode_name)
+            return reply, fds
         reply["backlog"] = backlog  # reuseport: the worker binds and listens itself
         return reply, []
 
@@ -174,9 +175,15 @@ class Registry:
                 bound.slots.discard(slot)
                 self._dispatcher().unsubscribe(slot, lid)
 
-    def drop_worker(self, slot: int, *, in_dispatcher: bool = True) -> None:
-        """The worker in slot takes no more connections (it disconnected or died)."""
-        self.steering.bias_out(slot)
+    def drop_worker(self, slot: int, *, in_dispatcher: bool = True, retire: bool = False
+                    ) -> None:
+        """The worker in slot takes no more connections (it disconnected or
+        died). retire: it exited and nobody refills its slot (steer: its
+        sockets close, their queues move to live ones)."""
+        if retire:
+            self.steering.retire(slot)
+        else:
+            self.steering.bias_out(slot)
         for bound in self._all:
             if slot in bound.slots:
                 bound.slots.discard(slot)

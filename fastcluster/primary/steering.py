@@ -10,8 +10,10 @@ socket for each new connection by load: eBPF where bpf() is allowed, else
 classic BPF weights refreshed every STEER_PERIOD_US by a timer the C
 dispatcher runs in its own loop, else (setting steer_mode="plain") the
 kernel's hash. Every address shares one set of per-slot counter pages (a
-worker's load is its total); the fd of those pages goes with each steer
-listen reply and the worker maps its own page, then closes the fd.
+worker's load is its total), made at the first fork under `steer`: a forked
+worker maps its own page in the child, before the primary's fds are closed
+and before any user code runs; a spawned one (a fresh interpreter) gets the
+pages' fd with its listen reply, maps its page and closes the fd there.
 
 A slot's life (bias: what the program adds to a slot's load):
 
@@ -28,11 +30,10 @@ A slot's life (bias: what the program adds to a slot's load):
                             reset, which the bias keeps small)
 
 Nothing a worker writes in its page can reach the primary's state beyond the
-program's choice: the C clamps every figure it reads. Known gap: the pages'
-fd reaches the worker with its listen reply, inside cluster.listen(), and is
+program's choice: the C clamps every figure it reads. Known gap, spawn
+only: the pages' fd reaches a spawned worker inside cluster.listen() and is
 closed there; a worker already compromised when it listens could keep it and
-write a sibling's counters (skewing the balance, nothing more). Mapping the
-page at the fork seam, before any user code, would close that.
+write a sibling's counters (skewing the balance, nothing more).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._core import (
     STEER_BIAS_OUT,
@@ -50,7 +51,11 @@ from .._core import (
     STEER_PLAIN,
     Dispatcher,
     Steer,
+    SteerPage,
 )
+
+if TYPE_CHECKING:
+    from ..wire.settings import Settings
 
 log = logging.getLogger("fastcluster")
 
@@ -70,7 +75,8 @@ class Steering:
         self._socks: dict[int, dict[int, socket.socket]] = {}  # address id -> slot -> socket
         self._where: dict[int, tuple[int, Any]] = {}  # address id -> (family, sockaddr)
         self._next_id = 0
-        self.mode_name = ""  # "ebpf", "cbpf" or "plain" once the first address is bound
+        self.mode_name = ""  # "ebpf", "cbpf" or "plain" once the pages are made
+        self._mapped: set[int] = set()  # slots whose worker mapped its page at the fork
 
     # -- addresses -----------------------------------------------------------
 
@@ -84,13 +90,16 @@ class Steering:
         self._where[aid] = (family, sockaddr)
         return aid
 
+    def _pages(self, want: str) -> Steer:
+        """The steer that owns the counter pages (made on first use)."""
+        if self._first is None:
+            self._first = self._first_steer(want)
+            self.mode_name = self._first.mode_name
+        return self._first
+
     def _make(self, want: str) -> Steer:
-        if self._first is not None:
-            steer = Steer(self._nslots, self._first.mode, share=self._first)
-        else:
-            steer = self._first_steer(want)
-            self._first = steer
-            self.mode_name = steer.mode_name
+        first = self._pages(want)
+        steer = Steer(self._nslots, first.mode, share=first)
         if steer.mode == STEER_CBPF:
             try:
                 steer.start_timer(self._dispatcher(), STEER_PERIOD_US)
@@ -120,9 +129,17 @@ class Steering:
         assert failure is not None
         raise failure
 
-    def pages_fd(self) -> int:
+    def pages_fds(self, slot: int) -> list[int]:
+        """What a listen reply passes besides the socket: the pages' fd, unless
+        the slot's worker mapped its page at the fork."""
         assert self._first is not None
-        return self._first.pages_fd
+        return [] if slot in self._mapped else [self._first.pages_fd]
+
+    def child_page(self, slot: int) -> SteerPage | None:
+        """In the forked child, before the primary's fds close: its own page."""
+        if self._first is None or slot not in self._mapped:
+            return None
+        return SteerPage(self._first.pages_fd, slot)
 
     def socket_for(self, aid: int, slot: int, backlog: int) -> socket.socket:
         """The slot's listening socket on the address (made on first use); the
@@ -154,10 +171,17 @@ class Steering:
         """Dead, draining or hung: no new connections for the slot."""
         self.set_bias(slot, STEER_BIAS_OUT)
 
-    def starting(self, slot: int) -> None:
-        """A worker was forked into slot: what its queues hold is its load."""
+    def starting(self, slot: int, cfg: Settings, forked: bool) -> None:
+        """A worker is about to be forked into slot (forked: it maps its page
+        in the child): under `steer` the pages exist from now; what the slot's
+        queues hold is its load."""
+        if cfg.policy == "steer":
+            self._pages(cfg.steer_mode)
+        self._mapped.discard(slot)
         if self._first is None:
             return
+        if forked:
+            self._mapped.add(slot)
         queued = sum(max(0, st.info(slot)["queued"]) for st in self._steers.values())
         self._first.reconcile(slot, queued)
         if any(slot in socks for socks in self._socks.values()):
@@ -207,7 +231,13 @@ class Steering:
                 steer.forget()
             else:
                 steer.close()
+        if self._first is not None and self._first not in self._steers.values():
+            if in_child:
+                self._first.forget()
+            else:
+                self._first.close()
         self._steers.clear()
         self._socks.clear()
         self._where.clear()
+        self._mapped.clear()
         self._first = None

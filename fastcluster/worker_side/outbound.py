@@ -235,11 +235,12 @@ class Outbound:
         return listener
 
     def _steer_socket(self, reply: Frame, fds: list[int]) -> socket.socket:
-        """steer: fds are the slot's listening socket and the counter pages;
-        this worker maps its own page once and closes the pages' fd at once
-        (it must not reach a sibling's figures)."""
+        """steer: fds are the slot's listening socket and, for a worker that
+        did not map its counters page at the fork (spawn), the pages: it maps
+        its own page once and closes the pages' fd at once (it must not reach
+        a sibling's figures)."""
         try:
-            if len(fds) < 2:
+            if not fds or (self._steer_page is None and len(fds) < 2):
                 raise OSError(errno.EBADF, "the primary did not pass the slot's socket "
                               "and counters")
             if self._steer_page is None:
