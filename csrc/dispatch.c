@@ -16,7 +16,7 @@
 #include "ledger.h"
 
 /* epoll data: what kind of fd, and its index (listener id, slot or token). */
-enum { KIND_LISTENER = 1, KIND_WORKER = 2, KIND_WATCH = 3 };
+enum { KIND_LISTENER = 1, KIND_WORKER = 2, KIND_WATCH = 3, KIND_HOOK = 4 };
 #define PACK(kind, id) (((uint64_t)(kind) << 32) | (uint32_t)(id))
 #define KIND_OF(u64) ((int)((u64) >> 32))
 #define ID_OF(u64) ((int)(uint32_t)(u64))
@@ -71,6 +71,7 @@ struct fc_dispatcher {
     int backoff_ms;
     int send_retry;      /* a flush hit ETOOMANYREFS */
     fc_stats stats;
+    struct { int fd; fc_hook_fn fn; void *arg; } hooks[FC_DISPATCH_MAX_HOOKS]; /* fn NULL: free */
 };
 
 static int64_t now_ms(void)
@@ -798,6 +799,10 @@ int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
                     }
                 }
                 break;
+            case KIND_HOOK:
+                if (id >= 0 && id < FC_DISPATCH_MAX_HOOKS && d->hooks[id].fn)
+                    d->hooks[id].fn(d->hooks[id].arg, evs[i].events);
+                break;
             case KIND_WATCH:
                 if (nout < max) {
                     out[nout].kind = FC_EV_WATCH;
@@ -835,6 +840,47 @@ int fc_dispatcher_watch(fc_dispatcher *d, int fd, uint32_t events, int token)
 int fc_dispatcher_unwatch(fc_dispatcher *d, int fd)
 {
     return epoll_ctl(d->epfd, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
+}
+
+/* ---- hooks ------------------------------------------------------------ */
+
+int fc_dispatcher_hook(fc_dispatcher *d, int fd, uint32_t events, fc_hook_fn fn, void *arg)
+{
+    int id = -1, r;
+    if (fd < 0)
+        return -EBADF;
+    if (!fn)
+        return -EINVAL;
+    for (int i = 0; i < FC_DISPATCH_MAX_HOOKS; i++) {
+        if (d->hooks[i].fn && d->hooks[i].fd == fd) {
+            id = i;
+            break;
+        }
+        if (!d->hooks[i].fn && id < 0)
+            id = i;
+    }
+    if (id < 0)
+        return -ENOSPC;
+    r = epoll_set(d, EPOLL_CTL_MOD, fd, events, PACK(KIND_HOOK, id));
+    if (r == -ENOENT)
+        r = epoll_set(d, EPOLL_CTL_ADD, fd, events, PACK(KIND_HOOK, id));
+    if (r < 0)
+        return r;
+    d->hooks[id].fd = fd;
+    d->hooks[id].fn = fn;
+    d->hooks[id].arg = arg;
+    return 0;
+}
+
+int fc_dispatcher_unhook(fc_dispatcher *d, int fd)
+{
+    for (int i = 0; i < FC_DISPATCH_MAX_HOOKS; i++) {
+        if (d->hooks[i].fn && d->hooks[i].fd == fd) {
+            d->hooks[i].fn = NULL;
+            return epoll_ctl(d->epfd, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
+        }
+    }
+    return -ENOENT;
 }
 
 void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out) { *out = d->stats; }

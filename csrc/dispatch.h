@@ -126,6 +126,14 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot);
 int fc_dispatcher_watch(fc_dispatcher *d, int fd, uint32_t events, int token);
 int fc_dispatcher_unwatch(fc_dispatcher *d, int fd);
 
+/* Hooks: fd (not owned) ready -> fn(arg, epoll events), called in C inside
+ * the loop, which does not return for it (the steer's cBPF timer). At most
+ * FC_DISPATCH_MAX_HOOKS; hooking an fd again replaces its fn and arg. */
+#define FC_DISPATCH_MAX_HOOKS 8
+typedef void (*fc_hook_fn)(void *arg, uint32_t events);
+int fc_dispatcher_hook(fc_dispatcher *d, int fd, uint32_t events, fc_hook_fn fn, void *arg);
+int fc_dispatcher_unhook(fc_dispatcher *d, int fd);
+
 /* Runs the loop until at least one event is ready for the caller or
  * timeout_ms passes (-1: no timeout; 0: one non-blocking pass). Returns the
  * number of events stored in out[0..max), 0 on timeout or when a signal

@@ -45,6 +45,7 @@ __all__ = [
     "POLICY_REUSEPORT",
     "POLICY_RR",
     "POLICY_SHARED",
+    "POLICY_STEER",
     "SCHED_NONE",
     "SCHED_RR",
     "ClusterError",
@@ -71,6 +72,7 @@ POLICY_RR = "rr"  # the primary accepts; round robin over workers with room (def
 POLICY_LEAST = "least"  # the primary accepts; fewest open connections first
 POLICY_SHARED = "shared"  # every worker accepts on the one listening socket
 POLICY_REUSEPORT = "reuseport"  # every worker accepts on its own SO_REUSEPORT socket
+POLICY_STEER = "steer"  # each worker accepts on its slot's socket; the kernel picks by load
 SCHED_RR = POLICY_RR
 SCHED_NONE = POLICY_SHARED
 

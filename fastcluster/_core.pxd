@@ -78,3 +78,62 @@ cdef extern from "dispatch.h" nogil:
     int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
     void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out)
     int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *out)
+    ctypedef void (*fc_hook_fn)(void *arg, uint32_t events) noexcept nogil
+    int fc_dispatcher_hook(fc_dispatcher *d, int fd, uint32_t events, fc_hook_fn fn, void *arg)
+    int fc_dispatcher_unhook(fc_dispatcher *d, int fd)
+
+
+cdef extern from "steer.h" nogil:
+    ctypedef struct fc_steer:
+        pass
+    enum:
+        FC_STEER_PLAIN
+        FC_STEER_EBPF
+        FC_STEER_CBPF
+        FC_STEER_MAX_SLOTS
+        FC_STEER_UNROLL
+        FC_STEER_CBPF_SCALE
+    uint64_t FC_STEER_BIAS_OUT
+    uint64_t FC_STEER_BIAS_EMPTY
+    ctypedef struct fc_steer_page:
+        uint64_t chosen
+        uint64_t done
+        uint64_t bias
+        uint64_t accepted
+    ctypedef struct fc_steer_info:
+        uint64_t chosen
+        uint64_t done
+        uint64_t bias
+        uint64_t accepted
+        int queued
+        int qlimit
+        uint32_t weight
+        int index
+    ctypedef struct fc_steer_stats:
+        uint64_t ticks
+        uint64_t attaches
+        uint64_t errors
+    int fc_steer_new(fc_steer **out, int nslots, int mode, const char **call,
+                     char *log, size_t logsz)
+    int fc_steer_new_shared(fc_steer **out, const fc_steer *share, const char **call,
+                            char *log, size_t logsz)
+    void fc_steer_free(fc_steer *s)
+    int fc_steer_mode(const fc_steer *s)
+    int fc_steer_nslots(const fc_steer *s)
+    int fc_steer_pages_fd(const fc_steer *s)
+    size_t fc_steer_page_size()
+    const char *fc_steer_last_call(const fc_steer *s)
+    int fc_steer_add_socket(fc_steer *s, int slot, int fd)
+    int fc_steer_remove_socket(fc_steer *s, int slot)
+    int fc_steer_set_bias(fc_steer *s, int slot, uint64_t bias)
+    int fc_steer_reconcile(fc_steer *s, int slot, int queued)
+    int fc_steer_info_get(const fc_steer *s, int slot, fc_steer_info *out)
+    void fc_steer_stats_get(const fc_steer *s, fc_steer_stats *out)
+    int fc_steer_tick(fc_steer *s)
+    int fc_steer_timer_fd(fc_steer *s, int period_us)
+    void fc_steer_on_timer(void *arg, uint32_t events)
+    int fc_steer_page_map(int fd, int slot, fc_steer_page **out)
+    void fc_steer_page_unmap(fc_steer_page *page)
+    void fc_steer_page_add(uint64_t *field, uint64_t n)
+    uint64_t fc_steer_page_load(const uint64_t *field)
+    int fc_steer_load_prog(const void *insns, int n, char *log, size_t logsz)

@@ -111,3 +111,75 @@ class Dispatcher:
     def stats(self) -> dict[str, int]: ...
     def slot_stats(self, slot: int) -> dict[str, int]: ...
     def close(self) -> None: ...
+
+# ---- steer (csrc/steer.h) ----
+
+STEER_PLAIN: int  # no program: the kernel's SO_REUSEPORT hash
+STEER_EBPF: int  # SK_REUSEPORT eBPF program: fewest open per SYN
+STEER_CBPF: int  # classic BPF weights, refreshed by tick()
+STEER_MAX_SLOTS: int
+STEER_UNROLL: int  # slots scanned in full by the eBPF program; p2c beyond
+STEER_CBPF_SCALE: int  # a cBPF weight at load 0 (weight = SCALE / (1 + load)^2)
+STEER_BIAS_OUT: int  # bias that keeps a slot out (dead, draining, hung)
+STEER_BIAS_EMPTY: int  # bias of a slot with no socket
+STEER_PAGE_SIZE: int  # bytes per slot in the pages fd
+
+class Steer:
+    """The primary's side of `steer`: one SO_REUSEPORT socket per slot, a
+    program choosing among them by load. Steer(nslots, mode) raises OSError
+    naming the failed call; a verifier refusal carries the log in the
+    message's tail and in full as .verifier_log."""
+
+    def __init__(self, nslots: int, mode: int = ..., share: Steer | None = None) -> None:
+        """share: steer over share's counter pages (several addresses, one
+        load per worker); nslots and mode must be share's."""
+    @property
+    def mode(self) -> int: ...
+    @property
+    def mode_name(self) -> str:
+        """"ebpf", "cbpf" or "plain"."""
+    @property
+    def nslots(self) -> int: ...
+    @property
+    def pages_fd(self) -> int:
+        """The counters' fd (the steer's): slot i's page at i * STEER_PAGE_SIZE."""
+    def add_socket(self, slot: int, fd: int) -> None:
+        """fd (listening, SO_REUSEPORT, the caller's) serves slot; call right
+        after listen(), in listen order. A slot still STEER_BIAS_EMPTY gets 0."""
+    def remove_socket(self, slot: int) -> None:
+        """Call right before the close() that really closes the slot's socket.
+        The bias stays as the caller set it."""
+    def set_bias(self, slot: int, bias: int) -> None: ...
+    def reconcile(self, slot: int, queued: int | None = None) -> int:
+        """For a replacement worker: open := queued (None: this steer's
+        socket's queue; give the sum over steers sharing pages). Returns it."""
+    def info(self, slot: int) -> dict[str, int]:
+        """{"chosen", "done", "bias", "accepted", "queued", "qlimit", "weight",
+        "index"}; queued/qlimit -1 without a socket."""
+    def stats(self) -> dict[str, int]:
+        """{"ticks", "attaches", "errors"} of the cBPF weights."""
+    def tick(self) -> bool:
+        """cBPF: recompute the weights; True if a new program was attached."""
+    def start_timer(self, dispatcher: Dispatcher, period_us: int = 2000) -> None:
+        """tick() every period_us inside dispatcher's epoll loop, in C."""
+    def stop_timer(self) -> None: ...
+    def close(self) -> None: ...
+    def forget(self) -> None:
+        """In a forked child: drops this process's fds and mappings only."""
+
+class SteerPage:
+    """A worker's own counters page (only that page is mapped). fd stays the
+    caller's: close it once mapped."""
+
+    def __init__(self, fd: int, slot: int) -> None: ...
+    @property
+    def slot(self) -> int: ...
+    def add_accepted(self, n: int = 1) -> None: ...
+    def add_done(self, n: int = 1) -> None: ...
+    def read(self) -> dict[str, int]:
+        """{"chosen", "done", "bias", "accepted"}."""
+    def close(self) -> None: ...
+
+def steer_load_program(insns: bytes) -> int:
+    """Loads raw eBPF instructions as the steer's program type (the test of
+    a verifier refusal); returns the program fd, the caller's."""

@@ -21,7 +21,7 @@ if not _sys.platform.startswith("linux"):
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from posix.unistd cimport close
 
 
@@ -353,3 +353,6 @@ cdef class Dispatcher:
 
     def close(self):
         self._release()
+
+
+include "_core_steer.pxi"

@@ -55,8 +55,9 @@ def lines(out: str, prefix: str = "") -> list[str]:
 class Running:
     """A script running in the background, read line by line with deadlines."""
 
-    def __init__(self, path: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(path), *args], env=env,
+    def __init__(self, path: Path, env: dict[str, str], args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(path), *args], env=env,
                                      cwd=path.parent, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
@@ -133,8 +134,10 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(path: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> Iterator[Running]:
-    r = Running(path, env, args)
+def running(path: Path, env: dict[str, str], args: tuple[str, ...] = (),
+            prefix: tuple[str, ...] = ()) -> Iterator[Running]:
+    """Running(...) (under prefix, a command such as setpriv, if given), killed at the end."""
+    r = Running(path, env, args, prefix)
     try:
         yield r
     finally:

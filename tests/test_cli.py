@@ -29,7 +29,7 @@ from _helpers import ROOT, free_port
 
 from fastcluster.pytest_plugin import ClusterServer, fastcluster_server  # noqa: F401
 
-POLICIES = ["rr", "least", "shared", "reuseport"]
+POLICIES = ["rr", "least", "shared", "reuseport", "steer"]
 TESTS = str(Path(__file__).resolve().parent)
 
 
@@ -160,7 +160,7 @@ def test_status_lists_workers_and_counters_move(fastcluster_server: Any) -> None
     table = cli("status", "--socket", server.status_socket)
     assert table.returncode == 0, table.stderr
     header = next(ln for ln in table.stdout.splitlines() if "PID" in ln).split()
-    assert header == ["ID", "PID", "STATE", "UPTIME", "DISPATCHED", "OPEN", "REQUESTS",
+    assert header == ["ID", "PID", "STATE", "UPTIME", "DISPATCHED", "OPEN", "QUEUED", "REQUESTS",
                       "RESTARTS", "RSS"]
     for pid in server.worker_pids():
         assert str(pid) in table.stdout
@@ -466,3 +466,28 @@ def test_help_lists_every_setting_and_bad_values_are_named() -> None:
     assert bad.returncode == 1 and "setting 'max_rss' (from --max-rss) must be a size" in bad.stderr
     bad = cli("run", "cli_apps:wsgi_app", "--bind", "127.0.0.1:0", "--user", "no-such-user-x")
     assert bad.returncode == 1 and "'no-such-user-x'" in bad.stderr and "forked" not in bad.stderr
+
+
+def test_status_under_steer_shows_the_kernels_choice_per_worker(fastcluster_server: Any
+                                                                ) -> None:
+    from test_steer_core import _ebpf_refusal
+    if _ebpf_refusal():
+        pytest.skip(f"the figures are the eBPF program's: {_ebpf_refusal()}")
+    server = fastcluster_server("cli_apps:asgi_app", workers=2, policy="steer")
+    before = server.status()
+    if any(w["queued"] is None for w in before["workers"]):
+        pytest.fail(f"no steer figures in the status: {before['workers']}")
+    for _ in range(10):
+        assert get(server)[0] == 200
+    deadline = time.monotonic() + 5
+    while True:  # done is counted when asyncio's connection_lost ran
+        after = server.status()
+        if totals(after, "open") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert after["primary"]["policy"] == "steer"
+    assert totals(after, "dispatched") == totals(before, "dispatched") + 10  # chosen by eBPF
+    assert totals(after, "open") == 0 and totals(after, "queued") == 0
+    table = cli("status", "--socket", server.status_socket)
+    assert table.returncode == 0 and "QUEUED" in table.stdout, table.stderr
+    assert server.stop() == 0

@@ -36,7 +36,7 @@ def test_sdist_carries_the_c_core_and_its_headers(tmp_path: Path) -> None:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         tar.extractall(tmp_path / "out", filter="data")
     needed = {n for n in tracked if n.startswith("csrc/")
-              or n.startswith("fastcluster/") and n.endswith((".py", ".pyx", ".pxd", ".pyi",
+              or n.startswith("fastcluster/") and n.endswith((".py", ".pyx", ".pxi", ".pxd", ".pyi",
                                                                "py.typed"))}
     assert needed - names == set(), f"missing from the sdist: {sorted(needed - names)}"
     (top,) = (tmp_path / "out").iterdir()

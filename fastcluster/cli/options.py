@@ -32,7 +32,7 @@ from .parse import text as _text
 __all__ = ["BY_NAME", "ENV_PREFIX", "OPTIONS", "Option", "OptionError", "parse_bind",
            "resolve"]
 
-POLICIES = ("rr", "least", "shared", "reuseport")
+POLICIES = ("rr", "least", "shared", "reuseport", "steer")
 WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")  # uvicorn's --ws
 _ASGI_ONLY = "it sets up uvicorn's ASGI server, which does not serve WSGI apps"
 _WS_ONLY = "WebSockets are an ASGI protocol: a WSGI app has none"
@@ -122,7 +122,8 @@ OPTIONS: tuple[Option, ...] = (
            "ADDR", aliases=("-b",), multiple=True),
     Option("policy", _choice(*POLICIES), "rr",
            "how connections reach workers: rr (primary accepts, round robin), least "
-           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker)",
+           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker), "
+           "steer (one socket per worker, the kernel picks the least loaded)",
            "|".join(POLICIES)),
     Option("interface", _choice("auto", "asgi", "wsgi"), "auto",
            "the app's interface (auto: an async callable is ASGI, else WSGI)",

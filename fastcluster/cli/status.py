@@ -17,7 +17,8 @@ from ..primary.rundir import search_dirs
 
 SOCKET_ENV = "FASTCLUSTER_STATUS_SOCKET"
 COLUMNS = (("ID", "id", 4), ("PID", "pid", 8), ("STATE", "state", 10), ("UPTIME", "uptime", 8),
-           ("DISPATCHED", "dispatched", 11), ("OPEN", "open", 6), ("REQUESTS", "requests", 10),
+           ("DISPATCHED", "dispatched", 11), ("OPEN", "open", 6), ("QUEUED", "queued", 6),
+           ("REQUESTS", "requests", 10),
            ("RESTARTS", "restarts", 9), ("RSS", "rss", 8))
 
 

@@ -275,6 +275,8 @@ class Channels:
     def _kill(self, proc: Proc, signum: int) -> None:
         if proc.dead:
             return
+        if signum in (signal.SIGABRT, signal.SIGKILL) and self.registry is not None:
+            self.registry.steering.bias_out(proc.slot)  # hung or killed: steer away at once
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.worker.pid, signum)
 

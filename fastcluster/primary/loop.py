@@ -47,13 +47,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .._core import (
-    EPOLLIN,
-    EV_WATCH,
-    EV_WORKER_GONE,
-    CounterTable,
-    Dispatcher,
-)
+from .._core import EPOLLIN, EV_WATCH, EV_WORKER_GONE, CounterTable, Dispatcher
 from ..wire import boot
 from ..wire.channel import ControlSocket
 from ..wire.events import EventEmitter
@@ -128,7 +122,7 @@ class Primary(Operations, Signals, Channels):
                                          policy=core_policy(cfg.policy))
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
-            self.registry = Registry(self._get_dispatcher)
+            self.registry = Registry(self._get_dispatcher, self.NSLOTS, cfg.steer_mode)
             self.registry.inherited = _systemd.listen_fds()  # socket activation
             atexit.register(self._atexit)
         return self.table, self.dispatcher, self.registry
@@ -156,7 +150,7 @@ class Primary(Operations, Signals, Channels):
         cfg = self.config()
         spawn = cfg.start_method == "spawn"
         spec = prefork.main_spec(cfg, spawn)
-        table, dispatcher, _registry = self._ensure_core()
+        table, dispatcher, registry = self._ensure_core()
         if not spawn:
             prefork.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
@@ -170,6 +164,7 @@ class Primary(Operations, Signals, Channels):
             raise
         data_p.detach()  # the dispatcher's now
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
+        registry.steering.starting(slot, cfg, forked=not spawn)  # steer: its pages, its queue
         worker = Worker(self._next_id, self)
         self._next_id += 1
         proc = Proc(worker, slot, extra)
@@ -219,6 +214,7 @@ class Primary(Operations, Signals, Channels):
         assert table is not None
         settings = dict(self.settings)
         ctl_p.close()
+        page = self.registry.steering.child_page(proc.slot) if self.registry else None
         self._drop_in_child()
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
@@ -226,7 +222,7 @@ class Primary(Operations, Signals, Channels):
         # (worker_side/boot.py's start_child, given by fastcluster/_role.py).
         return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
                                  ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
-                                 env=env, settings=settings)
+                                 env=env, settings=settings, steer_page=page)
 
     def _drop_in_child(self) -> None:
         with contextlib.suppress(ValueError):
@@ -368,7 +364,8 @@ class Primary(Operations, Signals, Channels):
             with contextlib.suppress(OSError):
                 self.dispatcher.remove_worker(proc.slot)
         if self.registry is not None:
-            self.registry.drop_worker(proc.slot, in_dispatcher=False)
+            self.registry.drop_worker(proc.slot, in_dispatcher=False,
+                                      retire=not self._respawner.replaces(proc))
         self._by_slot.pop(proc.slot, None)
         self._procs.pop(w.id, None)
         self.workers.pop(w.id, None)

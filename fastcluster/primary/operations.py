@@ -35,7 +35,8 @@ log = logging.getLogger("fastcluster")
 
 
 def core_policy(policy: str) -> int:
-    return POLICY_LEAST if policy == "least" else POLICY_RR
+    # steer's fallback for what it cannot steer (Unix, systemd sockets) is `least`
+    return POLICY_LEAST if policy in ("least", "steer") else POLICY_RR
 
 
 class Operations:
@@ -198,5 +199,7 @@ class Operations:
             if self.dispatcher is not None and not proc.dead:
                 with contextlib.suppress(OSError, ValueError):
                     d.update(self.dispatcher.slot_stats(proc.slot))
+            if self.registry is not None:  # steer: the kernel's choice, read from C
+                d["steer"] = self.registry.steering.slot_info(proc.slot)
             out.append(d)
         return out

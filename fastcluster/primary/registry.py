@@ -14,6 +14,11 @@ connections depends on the policy in force when the address was first bound:
   shared      the listening fd itself goes to the worker with the reply.
   reuseport   the primary binds (and does not listen on) a SO_REUSEPORT
               socket to hold the port; each worker binds its own.
+  steer       the primary holds the port the same way and makes one
+              listening socket per worker slot (primary/steering.py); the
+              reply passes the slot's socket and the counter pages' fd.
+              A Unix address, or a socket systemd passed us, falls back to
+              the C dispatcher under `least`, said in the log.
 
 Sockets stay open until close_all() (the primary's shutdown), so a worker
 started to replace another (rolling restart) finds its address still bound
@@ -44,6 +49,7 @@ from .._core import Dispatcher
 from ..wire import address as _address
 from . import systemd as _systemd
 from .bindguard import BindGuard
+from .steering import Steering
 
 log = logging.getLogger("fastcluster")
 
@@ -52,9 +58,10 @@ log = logging.getLogger("fastcluster")
 class Bound:
     sock: socket.socket
     family: int
-    mode: str  # "rr" (C dispatcher, rr or least), "shared" or "reuseport"
+    mode: str  # "rr" (C dispatcher, rr or least), "shared", "reuseport" or "steer"
     wire: _address.WireAddress  # the real address, JSON form
     lid: int = -1  # the dispatcher's listener id (mode "rr")
+    aid: int = -1  # the steering's address id (mode "steer")
     slots: set[int] = field(default_factory=set)  # slots listening on it (rr: subscribed)
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a path we created
     guard: BindGuard | None = None  # whose filesystem identity created (and unlinks) it
@@ -69,8 +76,11 @@ def _shown(wire: Any) -> str:
 
 
 class Registry:
-    def __init__(self, dispatcher: Callable[[], Dispatcher]) -> None:
+    def __init__(self, dispatcher: Callable[[], Dispatcher], nslots: int = 256,
+                 steer_mode: str = "auto") -> None:
         self._dispatcher = dispatcher
+        self.steering = Steering(nslots, dispatcher)
+        self._steer_mode = steer_mode
         self._by_key: dict[tuple[Any, ...], Bound] = {}
         self._all: list[Bound] = []
         self.inherited: list[socket.socket] = []  # systemd's sockets, adopted by address
@@ -125,6 +135,15 @@ class Registry:
             bound.slots.add(slot)
             reply["nfds"] = 1
             return reply, [bound.sock.fileno()]
+        if bound.mode == "steer":
+            try:
+                sock = self.steering.socket_for(bound.aid, slot, backlog)
+            except OSError as e:
+                return {"t": "listen_err", "errno": e.errno or errno.EINVAL,
+                        "strerror": f"{e.strerror or e}: {_shown(wire)}"}, []
+            fds = [sock.fileno(), *self.steering.pages_fds(slot)]
+            reply.update(nfds=len(fds), slot=slot, steer=self.steering.mode_name)
+            return reply, fds
         reply["backlog"] = backlog  # reuseport: the worker binds and listens itself
         return reply, []
 
@@ -133,8 +152,20 @@ class Registry:
         mode = "rr" if policy in ("rr", "least") else policy
         if mode == "reuseport" and family == socket.AF_UNIX:
             mode = "shared"  # no SO_REUSEPORT for Unix sockets: share the one we bind
+        if mode == "steer" and family == socket.AF_UNIX:
+            log.info("steer: %s is a Unix socket (no SO_REUSEPORT): served under `least` "
+                     "by the primary", _shown(_address.wire_of(family, sockaddr)))
+            mode = "rr"  # the dispatcher's policy is `least` under steer
         inherited = _systemd.take(self.inherited, family, sockaddr)
         if inherited is not None:  # bound and listening already (socket activation)
+            if mode == "steer":
+                # It listens in a reuseport group of its own making (or without
+                # SO_REUSEPORT): sockets of ours beside it would share the
+                # address with a socket the program does not own.
+                log.info("steer: %s came from systemd, listening already: served under "
+                         "`least` by the primary (steer needs sockets of its own)",
+                         _shown(_address.wire_of(family, inherited.getsockname())))
+                mode = "rr"
             mode = "shared" if mode == "reuseport" else mode
             bound = Bound(inherited, family, mode,
                           _address.wire_of(family, inherited.getsockname()))
@@ -145,7 +176,7 @@ class Registry:
         try:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if mode == "reuseport":
+            if mode in ("reuseport", "steer"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             inode = None
             if family == socket.AF_UNIX and isinstance(sockaddr, str) and \
@@ -158,11 +189,14 @@ class Registry:
             else:
                 sock.bind(sockaddr)
                 wire = _address.wire_of(family, sock.getsockname())
-            if mode != "reuseport":
-                sock.listen(backlog)
+            if mode not in ("reuseport", "steer"):
+                sock.listen(backlog)  # the others hold the port: bound, not listening
             bound = Bound(sock, family, mode, wire, unix_inode=inode, guard=guard)
             if mode == "rr":
                 bound.lid = self._dispatcher().add_listener(sock.fileno())
+            if mode == "steer":
+                bound.aid = self.steering.add_address(family, sock.getsockname(),
+                                                      self._steer_mode)
         except BaseException:
             sock.close()
             raise
@@ -174,8 +208,15 @@ class Registry:
                 bound.slots.discard(slot)
                 self._dispatcher().unsubscribe(slot, lid)
 
-    def drop_worker(self, slot: int, *, in_dispatcher: bool = True) -> None:
-        """The worker in slot takes no more connections (it disconnected or died)."""
+    def drop_worker(self, slot: int, *, in_dispatcher: bool = True, retire: bool = False
+                    ) -> None:
+        """The worker in slot takes no more connections (it disconnected or
+        died). retire: it exited and nobody refills its slot (steer: its
+        sockets close, their queues move to live ones)."""
+        if retire:
+            self.steering.retire(slot)
+        else:
+            self.steering.bias_out(slot)
         for bound in self._all:
             if slot in bound.slots:
                 bound.slots.discard(slot)
@@ -212,11 +253,12 @@ class Registry:
         bound.sock.close()
 
     def fds(self) -> list[int]:
-        return [b.sock.fileno() for b in self._all]
+        return [b.sock.fileno() for b in self._all] + self.steering.fds()
 
     def close_all(self, *, unlink: bool = True, dispatcher: bool = True) -> None:
         """Closes every socket; with unlink, removes the Unix socket files we
         created; with dispatcher, takes the rr sockets out of the dispatcher."""
+        self.steering.close_all(in_child=not dispatcher)  # dispatcher=False: in a child
         for bound in self._all:
             self._close(bound, unlink=unlink, dispatcher=dispatcher)
         self._all.clear()

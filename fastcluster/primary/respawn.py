@@ -83,16 +83,22 @@ class Respawner:
         if proc.listens_ok > 0 and proc.listened >= proc.listens_ok:
             proc.ready = True
 
+    def replaces(self, proc: Proc) -> bool:
+        """Whether on_exit starts a replacement for proc (now or after a backoff)."""
+        p = self.p
+        cfg = p.config()
+        if not cfg.respawn or p._stopping or proc.replaced:
+            return False
+        # asked to go (or it left and keep_count is off: Node's voluntary exit)
+        return not proc.worker.exited_after_disconnect or (cfg.keep_count and proc.left)
+
     def on_exit(self, proc: Proc, code: int | None, signame: str | None,
                 how: str | None = None) -> bool:
         """Replaces proc if it is to be; True if a replacement was forked or
         is scheduled."""
         p = self.p
-        cfg = p.config()
-        if not cfg.respawn or p._stopping or proc.replaced:
+        if not self.replaces(proc):
             return False
-        if proc.worker.exited_after_disconnect and not (cfg.keep_count and proc.left):
-            return False  # asked to go (or it left, keep_count off: Node's voluntary exit)
         lifetime = time.monotonic() - proc.started
         if how is None:
             how = f"signal {signame}" if signame else f"code {code}"

@@ -160,13 +160,15 @@ class Snapshot:
         workers = []
         for s in sorted(primary.worker_stats(), key=lambda d: int(d["id"])):
             taken, closed = s.get("taken"), s.get("closed")
+            steer = s.get("steer") or {}  # steer: chosen by the program, open, queued
             workers.append({
                 "id": s["id"], "pid": s["pid"],
                 "state": "exiting" if s["exiting"] and s["state"] != "dead" else s["state"],
                 "uptime": round(float(s["uptime"]), 3),
-                "dispatched": s.get("dispatched") if dispatched else None,
+                "dispatched": s.get("dispatched") if dispatched else steer.get("chosen"),
                 "open": (taken - closed) if dispatched and taken is not None
-                and closed is not None else None,
+                and closed is not None else steer.get("open"),
+                "queued": steer.get("queued"),
                 "requests": s.get("requests"),
                 "restarts": self._restarts.get(int(s["id"]), 0),
                 "rss": rss_bytes(int(s["pid"])),

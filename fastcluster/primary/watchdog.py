@@ -126,10 +126,10 @@ class Watchdog:
         w = proc.worker
         self._aborted.add(w.id)
         self._progress.pop(proc.slot, None)
+        p._kill(proc, signal.SIGABRT)  # first: under steer its slot is biased out here
         log.error("fastcluster: worker %d (pid %d) is hung: %s for %.2f s (timeout %g s); "
                   "SIGABRT (stack on its stderr), SIGKILL in %g s", w.id, w.pid, what, age,
                   timeout, ABORT_GRACE)
-        p._kill(proc, signal.SIGABRT)
 
         def still_alive() -> None:
             if not proc.dead:

@@ -18,7 +18,7 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .._core import CounterTable
+    from .._core import CounterTable, SteerPage
     from .settings import Settings
 
 WORKER_ENV = "FASTCLUSTER_WORKER"
@@ -53,7 +53,8 @@ class StartChild(Protocol):
 
     def __call__(self, *, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
                  data: socket.socket, table: CounterTable, spec: MainSpec, cfg: Settings,
-                 env: dict[str, str], settings: dict[str, Any]) -> int: ...
+                 env: dict[str, str], settings: dict[str, Any],
+                 steer_page: SteerPage | None = None) -> int: ...
 
 
 def flush_stdio() -> None:

@@ -24,7 +24,8 @@ from typing import Any
 from .address import allowed_keys, parse_address
 from .frames import MAX_FRAME
 
-POLICIES = ("rr", "least", "shared", "reuseport")
+POLICIES = ("rr", "least", "shared", "reuseport", "steer")
+STEER_MODES = ("auto", "ebpf", "cbpf", "plain")  # steer's program: best available, or forced
 START_METHODS = ("fork", "spawn")
 POLICY_ENV = "FASTCLUSTER_POLICY"
 
@@ -36,6 +37,7 @@ class Settings:
     args: tuple[str, ...] | None = None  # the worker's sys.argv[1:]; None: the primary's
     start_method: str = "fork"  # "fork" (re-run __main__ in a forked child) or "spawn"
     policy: str = "rr"  # POLICIES
+    steer_mode: str = "auto"  # STEER_MODES: eBPF, else classic BPF (primary/steering.py)
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # added to every worker
     cwd: str | None = None  # the worker's working directory
     silent: bool = False  # worker stdout/stderr to /dev/null
@@ -284,6 +286,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "args": _args,
     "start_method": _choice(START_METHODS),
     "policy": _choice(POLICIES),
+    "steer_mode": _choice(STEER_MODES),
     "env": _env,
     "cwd": _opt_path,
     "silent": _bool,

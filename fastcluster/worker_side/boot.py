@@ -57,7 +57,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from .._core import CounterTable, WorkerChannel
+from .._core import CounterTable, SteerPage, WorkerChannel
 from ..wire.boot import BOOT_ENV, WORKER_ENV, MainSpec, flush_stdio
 from ..wire.settings import Settings
 from . import current
@@ -253,8 +253,9 @@ def run_worker(runtime: WorkerRuntime, spec: MainSpec, settings: dict[str, Any])
 
 def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.socket,
                  table: CounterTable, spec: MainSpec, cfg: Settings, env: dict[str, str],
-                 settings: dict[str, Any]) -> int:
-    """The fork child's main (after the primary's fds are closed)."""
+                 settings: dict[str, Any], steer_page: SteerPage | None = None) -> int:
+    """The fork child's main (after the primary's fds are closed). steer_page:
+    this worker's steer counters, mapped before the primary's fds went."""
     gc.freeze()  # what the primary made stays shared: the worker's GC never walks it
     atexit._clear()  # the primary's handlers are not the worker's
     os.environ.pop(WORKER_ENV, None)
@@ -264,12 +265,14 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
     channel = WorkerChannel(data.detach(), table, slot)
     runtime = WorkerRuntime(worker_id, ctl, Intake(channel), cfg.graceful_timeout,
                             cfg.max_frame, cfg.window)
+    runtime._steer_page = steer_page
     return run_worker(runtime, spec, settings)
 
 
 def start_child(*, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
                 data: socket.socket, table: CounterTable, spec: MainSpec, cfg: Settings,
-                env: dict[str, str], settings: dict[str, Any]) -> int:
+                env: dict[str, str], settings: dict[str, Any],
+                steer_page: SteerPage | None = None) -> int:
     """THE FORK SEAM, the worker's side (wire/boot.py's StartChild): the
     primary's forked child (primary/loop.py, Primary._child) calls this, as
     given to it by fastcluster/_role.py, and from here on the process is
@@ -279,7 +282,7 @@ def start_child(*, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
                      data_fd=data.fileno(), table_fd=table.fd, nslots=table.nslots,
                      spec=spec, cfg=cfg, env=env)
     return start_forked(worker_id=worker_id, slot=slot, ctl=ctl, data=data, table=table,
-                        spec=spec, cfg=cfg, env=env, settings=settings)
+                        spec=spec, cfg=cfg, env=env, settings=settings, steer_page=steer_page)
 
 
 def _interpreter_flags() -> list[str]:

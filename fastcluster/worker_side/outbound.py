@@ -18,6 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._core import SteerPage
 from ..wire import address as _address
 from ..wire.channel import ControlSocket
 from ..wire.frames import Frame, encode, encode_message
@@ -90,6 +91,7 @@ class Outbound:
     # the runtime's state this part uses (set in WorkerRuntime.__init__, worker_side/runtime.py)
     _inline: Waiter | None
     _listeners: set[Listener]
+    _steer_page: SteerPage | None
     _main_ident: int | None
     _seq: itertools.count[int]
     _thread: threading.Thread | None
@@ -241,6 +243,8 @@ class Outbound:
                 os.close(fd)
             port = self.intake.open_port(int(reply["lid"]))
             listener = IntakeListener(self.intake, port, family, address, self)
+        elif mode == "steer":
+            listener = SocketListener(self._steer_socket(reply, fds), self)
         elif mode == "shared":
             if not fds:
                 raise OSError(errno.EBADF, "the primary did not pass the listening socket")
@@ -257,6 +261,25 @@ class Outbound:
         listener._on_close = self._forget_listener
         self._listeners.add(listener)
         return listener
+
+    def _steer_socket(self, reply: Frame, fds: list[int]) -> socket.socket:
+        """steer: fds are the slot's listening socket and, for a worker that
+        did not map its counters page at the fork (spawn), the pages: it maps
+        its own page once and closes the pages' fd at once (it must not reach
+        a sibling's figures)."""
+        try:
+            if not fds or (self._steer_page is None and len(fds) < 2):
+                raise OSError(errno.EBADF, "the primary did not pass the slot's socket "
+                              "and counters")
+            if self._steer_page is None:
+                self._steer_page = SteerPage(fds[1], int(reply["slot"]))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in fds[1:]:
+            os.close(fd)
+        return socket.socket(fileno=fds[0])
 
     def listening(self, listener: Listener) -> None:
         """Tells the primary a listener is ready ("listening" event)."""

@@ -44,6 +44,7 @@ import threading
 import time
 from typing import Any
 
+from .._core import SteerPage
 from ..wire.channel import ControlSocket
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_FRAME, Frame
@@ -51,6 +52,7 @@ from ..wire.handle import Worker
 from ..wire.listener import Listener
 from . import heart as _heartbeat
 from .fdbudget import FdBudget
+from .inbox import Inbox
 from .intake import Intake
 from .outbound import Outbound, OwnWorker, Waiter
 
@@ -63,7 +65,7 @@ EXIT_GRACE = 5.0  # seconds the main thread gets to exit after the channel close
 AIO_RETURN_GRACE = 2.0
 
 
-class WorkerRuntime(Outbound):
+class WorkerRuntime(Inbox, Outbound):
     """The backend of cluster.worker, and the Tracker of open connections."""
 
     def __init__(self, worker_id: int, ctl: socket.socket, intake: Intake,
@@ -98,6 +100,7 @@ class WorkerRuntime(Outbound):
         self._ep.register(self.ctl.fileno(), select.EPOLLIN)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._data_fd: int | None = None
+        self._steer_page: SteerPage | None = None  # steer: this worker's counters page
         intake.router = self
         intake.on_failure = lambda: self.post("intake failed")
         intake.on_limit, intake.on_window = (lambda why: self.post("fd limit")), self.tell_window
@@ -270,27 +273,6 @@ class WorkerRuntime(Outbound):
         elif t == "disconnect":
             self._begin_disconnect(by_primary=True)
 
-    def _emit_message(self, data: Any) -> None:
-        """In Node, a worker's main registers its handlers before any message
-        can be delivered (one thread). Here the channel thread may be faster:
-        a message that comes while the main runs and no handler is registered
-        yet waits for the first one (in order)."""
-        if self._early or (self.worker.listener_count("message") == 0
-                           and not self._main_returned):
-            self._early.append(data)
-            if self.worker.listener_count("message"):
-                self._replay_early()
-            return
-        self.worker.emit("message", data)
-
-    def _replay_early(self) -> None:
-        while self._early and self.worker.listener_count("message"):
-            self.worker.emit("message", self._early.pop(0))
-
-    def release_early(self) -> None:
-        if self._early:
-            self.post("early")  # replayed where messages are delivered, in order
-
     def _run_deferred(self) -> None:
         while self._deferred and self._inline is None:
             frame, fds = self._deferred.pop(0)
@@ -391,8 +373,12 @@ class WorkerRuntime(Outbound):
     def conn_opened(self, n: int = 1) -> None:
         with self._count_lock:
             self._open += n
+        if self._steer_page is not None:
+            self._steer_page.add_accepted(n)
 
     def conn_closed(self) -> None:
+        if self._steer_page is not None:
+            self._steer_page.add_done(1)  # the steer program reads it: fewest open wins
         with self._count_lock:
             self._open -= 1
             n = self._open
