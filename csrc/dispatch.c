@@ -285,7 +285,7 @@ int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_f
     r = epoll_set(d, EPOLL_CTL_ADD, data_fd, EPOLLIN | EPOLLRDHUP, PACK(KIND_WORKER, slot));
     if (r < 0)
         return r;
-    memset(&d->table[slot], 0, sizeof(fc_counters));
+    memset(fc_counters_at(d->table, slot), 0, sizeof(fc_counters));
     w->data_fd = data_fd;
     w->peer_fd = peer_fd;
     w->out_armed = w->waiting = w->dirty = 0;
@@ -380,7 +380,7 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
     led = &w->ledger;
     /* Whatever the worker counted as taken is its own (and died with it);
      * the rest never reached it: ours are the only copies. */
-    fc_ledger_reclaim(led, fc_counter_load(&d->table[slot].taken));
+    fc_ledger_reclaim(led, fc_counter_load(&fc_counters_at(d->table, slot)->taken));
     if (w->peer_fd >= 0) {
         moved += take_back(d, w->peer_fd); /* before our end closes: the queue goes with it */
         close(w->peer_fd);
@@ -438,7 +438,7 @@ static int choose(fc_dispatcher *d, fc_listener *l)
             return l->subs[i];
         }
         /* open now = given to it - closed by it (a worker may overcount closes) */
-        uint64_t closed = fc_counter_load(&d->table[l->subs[i]].closed);
+        uint64_t closed = fc_counter_load(&fc_counters_at(d->table, l->subs[i])->closed);
         uint64_t given = w->dispatched;
         uint64_t load = given > closed ? given - closed : 0;
         if (load < best_load) {
@@ -653,8 +653,9 @@ static int ask_wake(fc_dispatcher *d)
             continue;
         if (w->peer_fd >= 0 && room(d, w) > 0)
             continue; /* no copies to close: only a full window needs to hear */
-        if (fc_counters_want_wake(&d->table[s], fc_counter_load(&d->table[s].taken))) {
-            fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
+        fc_counters *c = fc_counters_at(d->table, s);
+        if (fc_counters_want_wake(c, fc_counter_load(&c->taken))) {
+            fc_ledger_reclaim(&w->ledger, fc_counter_load(&c->taken));
             moved = 1;
         } else {
             w->waiting = 1;
@@ -671,7 +672,7 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
     for (int s = 0; s < d->top; s++) {
         fc_worker *w = &d->workers[s];
         if (w->data_fd >= 0 && fc_ledger_held(&w->ledger) > 0)
-            fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
+            fc_ledger_reclaim(&w->ledger, fc_counter_load(&fc_counters_at(d->table, s)->taken));
     }
     d->stats.orphaned = 0;
     for (int lid = 0; lid < d->nlisteners; lid++) {
@@ -831,7 +832,7 @@ int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *ou
     if (slot < 0 || slot >= d->nslots)
         return -EINVAL;
     w = &d->workers[slot];
-    c = &d->table[slot];
+    c = fc_counters_at(d->table, slot);
     out->dispatched = w->dispatched;
     out->held = w->ledger.fds ? fc_ledger_held(&w->ledger) : 0;
     out->unsent = w->ledger.fds ? fc_ledger_unsent(&w->ledger) : 0;

@@ -17,8 +17,11 @@ cdef extern from "counters.h" nogil:
         uint32_t pid
         uint64_t beat
         uint32_t timeout_ms
+    fc_counters *fc_counters_at(fc_counters *table, int slot)
     int fc_counters_create(int nslots, fc_counters **table)
-    int fc_counters_attach(int fd, int nslots, fc_counters **table)
+    int fc_counters_renew(fc_counters *table, int nslots, int slot)
+    int fc_counters_confine(fc_counters *table, int nslots, int slot)
+    int fc_counters_attach_slot(int fd, fc_counters **slot)
     void fc_counters_detach(fc_counters *table, int nslots)
     uint64_t fc_counter_load(const uint64_t *c)
     void fc_counter_add(uint64_t *c, uint64_t n)

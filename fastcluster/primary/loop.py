@@ -41,7 +41,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -73,6 +72,7 @@ from .registry import Registry
 from .respawn import Respawner
 from .rolling import Rolling
 from .signals import Signals
+from .slotfds import SlotFds, open_slot
 from .timers import Timers
 from .watchdog import Watchdog
 
@@ -158,15 +158,7 @@ class Primary(Operations, Signals, Channels):
         if not spawn:
             prefork.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
-        data_p, data_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ctl_p, ctl_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            dispatcher.add_worker(slot, data_p.fileno(), data_w.fileno())
-        except BaseException:
-            for s in (data_p, data_w, ctl_p, ctl_w):
-                s.close()
-            raise
-        data_p.detach()  # the dispatcher's now
+        fds = open_slot(table, dispatcher, slot)  # its page, its channels (slotfds.py)
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
         worker = Worker(self._next_id, self)
         self._next_id += 1
@@ -179,23 +171,23 @@ class Primary(Operations, Signals, Channels):
             pid = os.fork()
         except BaseException:
             dispatcher.remove_worker(slot)
-            for s in (data_w, ctl_p, ctl_w):
-                s.close()
+            fds.close()
             raise
         if pid == 0:
             code = 1
             try:
                 prefork.die_with_parent(parent)
-                code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
+                code = self._child(proc, fds, spec, env, spawn)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     traceback.print_exc()
             finally:
                 os._exit(code)
-        data_w.close()
-        ctl_w.close()
-        proc.chan = ControlSocket(ctl_p)
-        dispatcher.watch(ctl_p.fileno(), worker.id, EPOLLIN)
+        os.close(fds.table_fd)  # the worker has it; we keep the mapping
+        fds.data_w.close()
+        fds.ctl_w.close()
+        proc.chan = ControlSocket(fds.ctl_p)
+        dispatcher.watch(fds.ctl_p.fileno(), worker.id, EPOLLIN)
         worker.pid = pid
         table.set_pid(slot, pid)
         self._procs[worker.id] = proc
@@ -208,22 +200,31 @@ class Primary(Operations, Signals, Channels):
         self._soon.append(lambda: self.events.emit("fork", worker))
         return worker
 
-    def _child(self, proc: Proc, ctl_p: socket.socket, ctl_w: socket.socket,
-               data_w: socket.socket, spec: boot.MainSpec, env: dict[str, str],
+    def _child(self, proc: Proc, fds: SlotFds, spec: boot.MainSpec, env: dict[str, str],
                spawn: bool) -> int:
         """In the forked child: drop the primary's fds, become the worker."""
         cfg = self.config()
         table = self.table
         assert table is not None
         settings = dict(self.settings)
-        ctl_p.close()
+        fds.ctl_p.close()
+        table_fd = fds.table_fd
         self._drop_in_child()
+        # before any user code (post_fork is the first): only our own slot's
+        # page stays mapped, and no fd of the table is left to map the rest
+        # (a spawned worker maps table_fd, its slot's page, after the exec)
+        table.confine(proc.slot)
+        if not spawn:
+            os.close(table_fd)
+            table_fd = -1
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
         # The fork seam: from here the child runs the worker's start
         # (worker_side/boot.py's start_child, given by fastcluster/_role.py).
         return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
-                                 ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
+                                 ctl=fds.ctl_w, data=fds.data_w, table=table,
+                                 table_fd=table_fd,
+                                 spec=spec, cfg=cfg,
                                  env=env, settings=settings)
 
     def _drop_in_child(self) -> None:
