@@ -49,6 +49,8 @@ typedef struct fc_worker {
     int dirty;           /* has unsent fds, in d->dirty */
     uint64_t dispatched;
     fc_ledger ledger;
+    uint64_t stall_head; /* ledger head when stall_since was set */
+    int64_t stall_since; /* ms: since when sent fds wait untaken (see stalled()) */
 } fc_worker;
 
 struct fc_dispatcher {
@@ -69,6 +71,8 @@ struct fc_dispatcher {
     int64_t backoff_until;
     int backoff_ms;
     int send_retry;      /* a flush hit ETOOMANYREFS */
+    int stall_ms;        /* a worker sitting on sent fds this long is skipped; 0: never */
+    int64_t now;         /* ms, this pass of the loop (for stalled()) */
     fc_stats stats;
 };
 
@@ -120,6 +124,7 @@ int fc_dispatcher_new(fc_dispatcher **out, fc_counters *table, int nslots,
     d->policy = policy;
     d->accepting = 1;
     d->reserve_fd = -1;
+    d->now = now_ms();
     d->workers = calloc((size_t)nslots, sizeof(fc_worker));
     d->dirty = calloc((size_t)nslots, sizeof(int));
     d->gone = calloc((size_t)nslots, sizeof(int));
@@ -185,6 +190,14 @@ int fc_dispatcher_set_policy(fc_dispatcher *d, int policy)
 }
 
 void fc_dispatcher_set_accepting(fc_dispatcher *d, int on) { d->accepting = on != 0; }
+
+int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms)
+{
+    if (ms < 0 || ms > 3600000)
+        return -EINVAL;
+    d->stall_ms = ms;
+    return 0;
+}
 
 /* ---- listeners ------------------------------------------------------- */
 
@@ -290,6 +303,8 @@ int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_f
     w->peer_fd = peer_fd;
     w->out_armed = w->waiting = w->dirty = 0;
     w->dispatched = 0;
+    w->stall_head = 0;
+    w->stall_since = d->now;
     if (slot >= d->top)
         d->top = slot + 1;
     return 0;
@@ -423,7 +438,18 @@ static inline int room(const fc_dispatcher *d, const fc_worker *w)
     return d->window - (int)fc_ledger_held(&w->ledger);
 }
 
-static int choose(fc_dispatcher *d, fc_listener *l)
+/* A worker that has had fds in its channel, none of them taken, for
+ * stall_ms: stopped (SIGSTOP), hung, or starved of CPU. Skipped while
+ * another worker can serve, until it takes them (its ledger head moves).
+ * Only the ledger's positions count, never a raw counter: head is at most
+ * what we sent, whatever the worker wrote into `taken`. */
+static inline int stalled(const fc_dispatcher *d, const fc_worker *w)
+{
+    return d->stall_ms > 0 && w->ledger.sent != w->ledger.head &&
+           d->now - w->stall_since >= d->stall_ms;
+}
+
+static int choose_among(fc_dispatcher *d, fc_listener *l, int skip_stalled, int *skipped)
 {
     int best = -1, n = l->nsubs;
     uint64_t best_load = UINT64_MAX;
@@ -433,6 +459,10 @@ static int choose(fc_dispatcher *d, fc_listener *l)
         fc_worker *w = &d->workers[l->subs[i]];
         if (room(d, w) <= 0)
             continue;
+        if (skip_stalled && stalled(d, w)) {
+            *skipped = 1;
+            continue;
+        }
         if (d->policy == FC_POLICY_RR) {
             l->rr = (unsigned)(i + 1) % (unsigned)n;
             return l->subs[i];
@@ -450,6 +480,38 @@ static int choose(fc_dispatcher *d, fc_listener *l)
         return -1;
     l->rr = (unsigned)(best + 1) % (unsigned)n;
     return l->subs[best];
+}
+
+/* Every worker with room is stalled: the one that took something last (a
+ * busy worker short of CPU, before one that is stopped). */
+static int least_stalled(fc_dispatcher *d, fc_listener *l)
+{
+    int best = -1, n = l->nsubs;
+    for (int k = 0; k < n; k++) {
+        int i = (int)((l->rr + (unsigned)k) % (unsigned)n);
+        fc_worker *w = &d->workers[l->subs[i]];
+        if (room(d, w) > 0 &&
+            (best < 0 || w->stall_since > d->workers[l->subs[best]].stall_since))
+            best = i;
+    }
+    if (best < 0)
+        return -1;
+    l->rr = (unsigned)(best + 1) % (unsigned)n;
+    return l->subs[best];
+}
+
+/* The worker for the next connection of l, or -1 when none has room. A
+ * stalled worker is chosen only when every worker with room is stalled:
+ * the connection then waits in its channel, where the worker's return or a
+ * replacement (take_back) gets it, as it would wait in the backlog. */
+static int choose(fc_dispatcher *d, fc_listener *l)
+{
+    int skipped = 0, slot = choose_among(d, l, 1, &skipped);
+    if (skipped)
+        d->stats.stall_skips++;
+    if (slot < 0 && skipped)
+        slot = least_stalled(d, l);
+    return slot;
 }
 
 static int listener_room(const fc_dispatcher *d, const fc_listener *l)
@@ -579,6 +641,10 @@ static void flush(fc_dispatcher *d, int slot)
             worker_gone(d, slot); /* EPIPE, ECONNRESET: the worker's end is closed */
             return;
         }
+        if (led->sent == led->head) {
+            w->stall_since = d->now; /* the first fd waiting: the stall clock starts */
+            w->stall_head = led->head;
+        }
         if (w->peer_fd >= 0) {
             /* The queue holds the file now and take_back() can read it back:
              * our copy would only delay the FIN of the worker's close(). */
@@ -669,10 +735,15 @@ static int ask_wake(fc_dispatcher *d)
 static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
 {
     *paused_for_room = 0;
+    d->now = now;
     for (int s = 0; s < d->top; s++) {
         fc_worker *w = &d->workers[s];
         if (w->data_fd >= 0 && fc_ledger_held(&w->ledger) > 0)
             fc_ledger_reclaim(&w->ledger, fc_counter_load(&fc_counters_at(d->table, s)->taken));
+        if (w->ledger.head != w->stall_head) { /* it took some: not stalled */
+            w->stall_head = w->ledger.head;
+            w->stall_since = now;
+        }
     }
     d->stats.orphaned = 0;
     for (int lid = 0; lid < d->nlisteners; lid++) {
@@ -762,6 +833,7 @@ int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
         }
         if (n < 0)
             return errno == EINTR ? 0 : -errno; /* EINTR: let the caller run signal handlers */
+        d->now = now_ms();
         for (int i = 0; i < n; i++) {
             uint64_t data = evs[i].data.u64;
             int id = ID_OF(data);

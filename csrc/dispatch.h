@@ -55,6 +55,7 @@ typedef struct fc_stats {
     uint64_t pauses;        /* times every worker of a listener was full */
     uint64_t send_again;    /* sendmsg backpressure (EAGAIN/ETOOMANYREFS) */
     uint64_t orphaned;      /* fds now waiting with no worker to take them */
+    uint64_t stall_skips;   /* choices that passed over a stalled worker */
 } fc_stats;
 
 typedef struct fc_slot_stats {
@@ -80,6 +81,12 @@ void fc_dispatcher_free(fc_dispatcher *d);
 int fc_dispatcher_fd(const fc_dispatcher *d);
 
 int fc_dispatcher_set_policy(fc_dispatcher *d, int policy);
+
+/* A worker that has had fds sent to it, none taken, for ms milliseconds is
+ * skipped (rr and least) while another worker has room, until it takes
+ * them: a stopped or hung worker does not hold every other connection.
+ * 0 (the default): never skipped. Returns 0 or -EINVAL (ms > 1 hour). */
+int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms);
 
 /* Starts or stops accepting on every listener (graceful shutdown). */
 void fc_dispatcher_set_accepting(fc_dispatcher *d, int on);

@@ -307,6 +307,11 @@ cdef class Dispatcher:
     def set_accepting(self, bint on):
         fc_dispatcher_set_accepting(self.ptr(), on)
 
+    def set_stall_ms(self, int ms):
+        if ms < 0 or ms > 3600000:
+            raise ValueError(f"stall_ms must be 0 to 3600000, got {ms}")
+        _check(fc_dispatcher_set_stall_ms(self.ptr(), ms), "set_stall_ms")
+
     def add_listener(self, fd):
         return _check(fc_dispatcher_add_listener(self.ptr(), _fd_arg(fd, "fd")), "add_listener")
 
@@ -366,7 +371,7 @@ cdef class Dispatcher:
         fc_dispatcher_stats(self.ptr(), &s)
         return {"accepted": s.accepted, "redispatched": s.redispatched, "shed": s.shed,
                 "emfile": s.emfile, "pauses": s.pauses, "send_again": s.send_again,
-                "orphaned": s.orphaned}
+                "orphaned": s.orphaned, "stall_skips": s.stall_skips}
 
     def slot_stats(self, int slot):
         cdef fc_slot_stats s

@@ -126,6 +126,7 @@ class Primary(Operations, Signals, Channels):
             self.dispatcher = Dispatcher(self.table, window=cfg.window,
                                          accept_batch=cfg.accept_batch,
                                          policy=core_policy(cfg.policy))
+            self.dispatcher.set_stall_ms(cfg.stall_ms)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
             self.registry = Registry(self._get_dispatcher)

@@ -47,6 +47,7 @@ class Settings:
     timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see wire/beat.py
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
+    stall_ms: int = 50  # rr/least skip a worker sitting on sent fds this long (0: never)
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
     health: str | None = None  # "HOST:PORT" of /healthz and /readyz (primary/health.py); None: off
     drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
@@ -270,6 +271,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "timeout": _hang_timeout,
     "window": _int_range(1, 65536),
     "accept_batch": _int_range(1, 4096),
+    "stall_ms": _int_range(0, 60000),
     "backlog": _int_range(1, 1 << 20),
     "health": check_address,
     "drain_delay": check_delay,
