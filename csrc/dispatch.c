@@ -38,6 +38,7 @@ typedef struct fc_listener {
     int nsubs, capsubs;
     unsigned rr;         /* round-robin cursor into subs */
     int *orphans;        /* accepted fds waiting for a worker (FIFO) */
+    int64_t *orphan_at;  /* ms when each became an orphan (same indices) */
     int orphan_head, norphans, caporphans;
 } fc_listener;
 
@@ -72,6 +73,9 @@ struct fc_dispatcher {
     int backoff_ms;
     int send_retry;      /* a flush hit ETOOMANYREFS */
     int stall_ms;        /* a worker sitting on sent fds this long is skipped; 0: never */
+    int max_orphans;     /* orphans kept at most (the oldest is reset); -1: no bound */
+    int orphan_timeout_ms; /* an orphan older than this is reset; 0: never */
+    int64_t orphan_deadline; /* ms when the oldest orphan expires; 0: none */
     int64_t now;         /* ms, this pass of the loop (for stalled()) */
     fc_stats stats;
 };
@@ -125,6 +129,7 @@ int fc_dispatcher_new(fc_dispatcher **out, fc_counters *table, int nslots,
     d->accepting = 1;
     d->reserve_fd = -1;
     d->now = now_ms();
+    d->max_orphans = -1;
     d->workers = calloc((size_t)nslots, sizeof(fc_worker));
     d->dirty = calloc((size_t)nslots, sizeof(int));
     d->gone = calloc((size_t)nslots, sizeof(int));
@@ -167,6 +172,7 @@ void fc_dispatcher_free(fc_dispatcher *d)
         for (int k = l->orphan_head; k < l->norphans; k++)
             close(l->orphans[k]);
         free(l->orphans);
+        free(l->orphan_at);
         free(l->subs);
     }
     if (d->reserve_fd >= 0)
@@ -251,25 +257,121 @@ int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
     return 0;
 }
 
-static int orphan_push(fc_listener *l, int fd)
+/* ---- orphans: fds whose worker is gone, waiting for another ------------
+ *
+ * They come back from a dead worker's ledger and queue (remove_worker), and
+ * each holds one of the primary's fds, so they are bounded: at most
+ * max_orphans (the caller derives it from RLIMIT_NOFILE and the fds in use,
+ * keeping room for respawns and control), the oldest reset at the bound,
+ * and none kept longer than orphan_timeout_ms. A reset (SO_LINGER 0) tells
+ * the client at once, where a hang would hold its fd in the primary. */
+
+static void reset_close(int fd)
 {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)); /* not a socket: a plain close */
+    close(fd);
+}
+
+static int count_orphans(const fc_dispatcher *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->nlisteners; i++)
+        if (d->listeners[i].fd >= 0)
+            n += d->listeners[i].norphans - d->listeners[i].orphan_head;
+    return n;
+}
+
+/* The listener whose first orphan is the oldest, or NULL. */
+static fc_listener *oldest_orphans(fc_dispatcher *d)
+{
+    fc_listener *best = NULL;
+    for (int i = 0; i < d->nlisteners; i++) {
+        fc_listener *l = &d->listeners[i];
+        if (l->fd >= 0 && l->orphan_head < l->norphans &&
+            (!best || l->orphan_at[l->orphan_head] < best->orphan_at[best->orphan_head]))
+            best = l;
+    }
+    return best;
+}
+
+static int shed_orphans(fc_dispatcher *d, int keep)
+{
+    int n = count_orphans(d), shed = 0;
+    while (n > keep) {
+        fc_listener *l = oldest_orphans(d);
+        if (!l)
+            break;
+        reset_close(l->orphans[l->orphan_head++]);
+        n--;
+        shed++;
+    }
+    d->stats.orphans_shed += (uint64_t)shed;
+    return shed;
+}
+
+static int orphan_push(fc_dispatcher *d, fc_listener *l, int fd)
+{
+    if (d->max_orphans == 0)
+        return -ENOSPC; /* no room at all: the caller resets it */
+    if (d->max_orphans > 0)
+        shed_orphans(d, d->max_orphans - 1);
     if (l->orphan_head > 0 && l->norphans == l->caporphans) {
         /* compact before growing */
         memmove(l->orphans, l->orphans + l->orphan_head,
                 sizeof(int) * (size_t)(l->norphans - l->orphan_head));
+        memmove(l->orphan_at, l->orphan_at + l->orphan_head,
+                sizeof(int64_t) * (size_t)(l->norphans - l->orphan_head));
         l->norphans -= l->orphan_head;
         l->orphan_head = 0;
     }
     if (l->norphans == l->caporphans) {
         int cap = l->caporphans ? l->caporphans * 2 : 64;
         int *grown = realloc(l->orphans, sizeof(int) * (size_t)cap);
+        int64_t *grown_at;
         if (!grown)
             return -ENOMEM;
         l->orphans = grown;
+        grown_at = realloc(l->orphan_at, sizeof(int64_t) * (size_t)cap);
+        if (!grown_at)
+            return -ENOMEM;
+        l->orphan_at = grown_at;
         l->caporphans = cap;
     }
+    l->orphan_at[l->norphans] = now_ms();
     l->orphans[l->norphans++] = fd;
     return 0;
+}
+
+/* Resets the orphans older than orphan_timeout_ms; notes when the next one
+ * expires (the loop wakes for it). */
+static void expire_orphans(fc_dispatcher *d, int64_t now)
+{
+    int expired = 0;
+    d->orphan_deadline = 0;
+    if (d->orphan_timeout_ms <= 0)
+        return;
+    for (;;) {
+        fc_listener *l = oldest_orphans(d);
+        if (!l)
+            break;
+        if (now - l->orphan_at[l->orphan_head] < d->orphan_timeout_ms) {
+            d->orphan_deadline = l->orphan_at[l->orphan_head] + d->orphan_timeout_ms;
+            break;
+        }
+        reset_close(l->orphans[l->orphan_head++]);
+        expired++;
+    }
+    d->stats.orphans_expired += (uint64_t)expired;
+}
+
+int fc_dispatcher_set_orphan_limits(fc_dispatcher *d, int max_orphans, int timeout_ms)
+{
+    if (max_orphans < -1 || timeout_ms < 0)
+        return -EINVAL;
+    d->max_orphans = max_orphans;
+    d->orphan_timeout_ms = timeout_ms;
+    return max_orphans >= 0 ? shed_orphans(d, max_orphans) : 0;
 }
 
 /* ---- workers --------------------------------------------------------- */
@@ -372,10 +474,10 @@ static int take_back(fc_dispatcher *d, int peer_fd)
             break; /* -EAGAIN: empty */
         for (int k = 0; k < n; k++) {
             if (valid_listener(d, (int)tags[k]) &&
-                orphan_push(&d->listeners[tags[k]], fds[k]) == 0)
+                orphan_push(d, &d->listeners[tags[k]], fds[k]) == 0)
                 moved++;
             else
-                close(fds[k]);
+                reset_close(fds[k]);
         }
     }
     return moved;
@@ -420,10 +522,10 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
         uint32_t lid = led->tags[i & led->mask];
         if (fd < 0)
             continue; /* sent, copy closed: take_back() had it if it was not taken */
-        if (valid_listener(d, (int)lid) && orphan_push(&d->listeners[lid], fd) == 0) {
+        if (valid_listener(d, (int)lid) && orphan_push(d, &d->listeners[lid], fd) == 0) {
             moved++;
         } else {
-            close(fd); /* its listener is gone: nobody can serve it */
+            reset_close(fd); /* its listener is gone, or no room: nobody can serve it */
         }
     }
     led->head = led->sent = led->tail = 0;
@@ -745,7 +847,7 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
             w->stall_since = now;
         }
     }
-    d->stats.orphaned = 0;
+    expire_orphans(d, now);
     for (int lid = 0; lid < d->nlisteners; lid++) {
         fc_listener *l = &d->listeners[lid];
         int want, servable;
@@ -760,7 +862,6 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
         }
         if (l->orphan_head == l->norphans)
             l->orphan_head = l->norphans = 0;
-        d->stats.orphaned += (uint64_t)(l->norphans - l->orphan_head);
         want = servable && d->accepting && now >= d->backoff_until && l->norphans == 0;
         if (servable && listener_room(d, l) == 0) {
             if (want && l->polled)
@@ -772,6 +873,7 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
             epoll_set(d, EPOLL_CTL_MOD, l->fd, want ? EPOLLIN : 0, PACK(KIND_LISTENER, lid)) == 0)
             l->polled = want;
     }
+    d->stats.orphaned = (uint64_t)count_orphans(d);
     if (d->ndirty)
         flush_dirty(d);
 }
@@ -783,6 +885,8 @@ static int wait_ms(fc_dispatcher *d, int64_t now, int64_t deadline, int paused_f
         t = d->backoff_until - now;
     if (paused_for_room && (t < 0 || t > PAUSED_RECHECK_MS))
         t = PAUSED_RECHECK_MS;
+    if (d->orphan_deadline > 0 && (t < 0 || d->orphan_deadline - now < t))
+        t = d->orphan_deadline > now ? d->orphan_deadline - now : 0;
     if (d->send_retry && (t < 0 || t > SEND_RETRY_MS)) {
         t = SEND_RETRY_MS;
         d->send_retry = 0;
@@ -895,7 +999,11 @@ int fc_dispatcher_unwatch(fc_dispatcher *d, int fd)
     return epoll_ctl(d->epfd, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
 }
 
-void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out) { *out = d->stats; }
+void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out)
+{
+    *out = d->stats;
+    out->orphaned = (uint64_t)count_orphans(d); /* now, not as of the last pass */
+}
 
 int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *out)
 {

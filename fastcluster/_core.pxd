@@ -57,6 +57,8 @@ cdef extern from "dispatch.h" nogil:
         uint64_t send_again
         uint64_t orphaned
         uint64_t stall_skips
+        uint64_t orphans_shed
+        uint64_t orphans_expired
     ctypedef struct fc_slot_stats:
         uint64_t dispatched
         uint32_t held
@@ -71,6 +73,7 @@ cdef extern from "dispatch.h" nogil:
     int fc_dispatcher_set_policy(fc_dispatcher *d, int policy)
     void fc_dispatcher_set_accepting(fc_dispatcher *d, int on)
     int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms)
+    int fc_dispatcher_set_orphan_limits(fc_dispatcher *d, int max_orphans, int timeout_ms)
     int fc_dispatcher_add_listener(fc_dispatcher *d, int fd)
     int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
     int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd)

@@ -92,6 +92,10 @@ class Dispatcher:
     def set_accepting(self, on: bool) -> None: ...
     def set_stall_ms(self, ms: int) -> None:
         """Skip a worker that has held sent fds, none taken, for ms (0: never)."""
+    def set_orphan_limits(self, max_orphans: int, timeout_ms: int) -> int:
+        """Orphans (fds of a gone worker) kept at most (-1: no bound), the
+        oldest reset; each at most timeout_ms (0: forever). Returns how many
+        were reset now."""
     def add_listener(self, fd: int) -> int:
         """Returns the listener id (the tag its fds carry). fd stays the caller's."""
     def remove_listener(self, lid: int) -> None: ...

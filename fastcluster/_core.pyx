@@ -312,6 +312,14 @@ cdef class Dispatcher:
             raise ValueError(f"stall_ms must be 0 to 3600000, got {ms}")
         _check(fc_dispatcher_set_stall_ms(self.ptr(), ms), "set_stall_ms")
 
+    def set_orphan_limits(self, int max_orphans, int timeout_ms):
+        if max_orphans < -1:
+            raise ValueError(f"max_orphans must be -1 (no bound) or >= 0, got {max_orphans}")
+        if timeout_ms < 0:
+            raise ValueError(f"timeout_ms must be >= 0 (0: no expiry), got {timeout_ms}")
+        return _check(fc_dispatcher_set_orphan_limits(self.ptr(), max_orphans, timeout_ms),
+                      "set_orphan_limits")
+
     def add_listener(self, fd):
         return _check(fc_dispatcher_add_listener(self.ptr(), _fd_arg(fd, "fd")), "add_listener")
 
@@ -371,7 +379,8 @@ cdef class Dispatcher:
         fc_dispatcher_stats(self.ptr(), &s)
         return {"accepted": s.accepted, "redispatched": s.redispatched, "shed": s.shed,
                 "emfile": s.emfile, "pauses": s.pauses, "send_again": s.send_again,
-                "orphaned": s.orphaned, "stall_skips": s.stall_skips}
+                "orphaned": s.orphaned, "stall_skips": s.stall_skips,
+                "orphans_shed": s.orphans_shed, "orphans_expired": s.orphans_expired}
 
     def slot_stats(self, int slot):
         cdef fc_slot_stats s

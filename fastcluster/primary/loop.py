@@ -63,6 +63,7 @@ from . import prefork
 from . import systemd as _systemd
 from .backoff import Backoff
 from .channels import Channels
+from .fdroom import FdRoom
 from .health import Health
 from .operations import Operations, core_policy
 from .proc import Proc
@@ -116,12 +117,14 @@ class Primary(Operations, Signals, Channels):
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
         self.health = Health(self)  # readiness, drain, /healthz and /readyz (health.py)
+        self.fdroom = FdRoom(self)  # RLIMIT_NOFILE, the bound on orphans (fdroom.py)
 
     # -- forking -------------------------------------------------------------
 
     def _ensure_core(self) -> tuple[CounterTable, Dispatcher, Registry]:
         if self.table is None or self.dispatcher is None or self.registry is None:
             cfg = self.config()
+            self.fdroom.start()  # the soft RLIMIT_NOFILE up to the hard one, first
             self.table = CounterTable(self.NSLOTS)
             self.dispatcher = Dispatcher(self.table, window=cfg.window,
                                          accept_batch=cfg.accept_batch,
@@ -259,12 +262,14 @@ class Primary(Operations, Signals, Channels):
             raise RuntimeError("cluster.run() is already running")
         self.health.start()  # the `health` endpoint, if set (OSError if it cannot bind)
         self._running = True
+        self.fdroom.arm()  # bounds orphans by the fds left, every FdRoom.INTERVAL
         saved = self._install_signals()
         try:
             self._loop()
         finally:
             self._restore_signals(saved)
             self._running = False
+            self.fdroom.stop()
             self.health.close()
         if self._shutdown is not None and self.registry is not None:
             self.registry.close_all()
@@ -315,13 +320,6 @@ class Primary(Operations, Signals, Channels):
                 fn()
             except Exception:
                 log.exception("fastcluster: a callback raised")
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except OSError:
-            pass
 
     def shutdown(self, graceful: bool = True) -> None:
         """Graceful: stop accepting, disconnect every worker, SIGKILL those
@@ -391,6 +389,7 @@ class Primary(Operations, Signals, Channels):
         self._ready.stopping()
 
     def _all_gone(self) -> None:
+        self.health.no_worker()  # /healthz fails if none is back within health_grace
         cbs, self._disconnect_cbs = self._disconnect_cbs, []
         for cb in cbs:
             try:
