@@ -584,17 +584,20 @@ static int choose_among(fc_dispatcher *d, fc_listener *l, int skip_stalled, int 
     return l->subs[best];
 }
 
-/* Every worker with room is stalled: the one that took something last (a
- * busy worker short of CPU, before one that is stopped). */
+/* Every worker with room is stalled: the one holding the fewest fds it
+ * has not taken (a busy worker short of CPU has a few; a stopped one has
+ * all it was given since it stopped, one more with each choice). */
 static int least_stalled(fc_dispatcher *d, fc_listener *l)
 {
     int best = -1, n = l->nsubs;
+    uint32_t best_held = UINT32_MAX;
     for (int k = 0; k < n; k++) {
         int i = (int)((l->rr + (unsigned)k) % (unsigned)n);
         fc_worker *w = &d->workers[l->subs[i]];
-        if (room(d, w) > 0 &&
-            (best < 0 || w->stall_since > d->workers[l->subs[best]].stall_since))
+        if (room(d, w) > 0 && fc_ledger_held(&w->ledger) < best_held) {
+            best_held = fc_ledger_held(&w->ledger);
             best = i;
+        }
     }
     if (best < 0)
         return -1;

@@ -15,7 +15,6 @@ the review that found the SIGBUS.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
