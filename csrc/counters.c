@@ -3,57 +3,103 @@
 #include "counters.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
-_Static_assert(sizeof(fc_counters) == 64, "one cache line per slot");
+_Static_assert(sizeof(fc_counters) == 64, "a slot fits any page");
 _Static_assert(offsetof(fc_counters, beat) % 8 == 0, "beat is naturally aligned");
 
-static size_t table_size(int nslots)
-{
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t bytes = sizeof(fc_counters) * (size_t)nslots;
-    return (bytes + page - 1) / page * page;
-}
+#define MAX_SLOTS 65536
 
-int fc_counters_attach(int fd, int nslots, fc_counters **table)
+size_t fc_counters_stride(void)
 {
-    void *p;
-    if (fd < 0 || nslots < 1 || nslots > 65536)
-        return -EINVAL;
-    p = mmap(NULL, table_size(nslots), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED)
-        return -errno;
-    *table = p;
-    return 0;
+    static size_t page;
+    if (!page)
+        page = (size_t)sysconf(_SC_PAGESIZE);
+    return page;
 }
 
 int fc_counters_create(int nslots, fc_counters **table)
 {
-    int fd, r;
-    if (nslots < 1 || nslots > 65536)
+    void *p;
+    if (nslots < 1 || nslots > MAX_SLOTS)
         return -EINVAL;
-    fd = memfd_create("fastcluster-counters", MFD_CLOEXEC);
+    p = mmap(NULL, fc_counters_stride() * (size_t)nslots, PROT_READ | PROT_WRITE,
+             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    *table = p;
+    return 0; /* zero-filled by the kernel */
+}
+
+int fc_counters_renew(fc_counters *table, int nslots, int slot)
+{
+    size_t page = fc_counters_stride();
+    int fd, r;
+    void *p;
+
+    if (!table || slot < 0 || slot >= nslots || nslots > MAX_SLOTS)
+        return -EINVAL;
+    fd = memfd_create("fastcluster-counters", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
         return -errno;
-    if (ftruncate(fd, (off_t)table_size(nslots)) < 0) {
-        r = -errno;
-        close(fd);
-        return r;
-    }
-    r = fc_counters_attach(fd, nslots, table);
-    if (r < 0) {
-        close(fd);
-        return r;
-    }
-    return fd; /* the pages are zero-filled by the kernel */
+    if (ftruncate(fd, (off_t)page) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+        goto fail;
+    /* MAP_FIXED replaces the slot's old page (the previous worker's memfd,
+     * or the region's anonymous page) in one step. */
+    p = mmap(fc_counters_at(table, slot), page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+             fd, 0);
+    if (p == MAP_FAILED)
+        goto fail;
+    return fd;
+fail:
+    r = -errno;
+    close(fd);
+    return r;
+}
+
+int fc_counters_confine(fc_counters *table, int nslots, int slot)
+{
+    size_t page = fc_counters_stride();
+    char *base = (char *)table, *own = (char *)fc_counters_at(table, slot);
+    size_t after = (size_t)(nslots - slot - 1) * page;
+
+    if (!table || slot < 0 || slot >= nslots || nslots > MAX_SLOTS)
+        return -EINVAL;
+    if (own > base && munmap(base, (size_t)(own - base)) < 0)
+        return -errno;
+    if (after && munmap(own + page, after) < 0)
+        return -errno;
+    return 0;
+}
+
+int fc_counters_attach_slot(int fd, fc_counters **slot)
+{
+    size_t page = fc_counters_stride();
+    struct stat st;
+    void *p;
+
+    if (fd < 0)
+        return -EBADF;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if ((size_t)st.st_size != page)
+        return -EINVAL; /* not a slot's memfd */
+    p = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    *slot = p;
+    return 0;
 }
 
 void fc_counters_detach(fc_counters *table, int nslots)
 {
-    if (table)
-        munmap(table, table_size(nslots));
+    if (table && nslots > 0)
+        munmap(table, fc_counters_stride() * (size_t)nslots);
 }
 
 uint64_t fc_counter_load(const uint64_t *c)

@@ -38,6 +38,7 @@ typedef struct fc_listener {
     int nsubs, capsubs;
     unsigned rr;         /* round-robin cursor into subs */
     int *orphans;        /* accepted fds waiting for a worker (FIFO) */
+    int64_t *orphan_at;  /* ms when each became an orphan (same indices) */
     int orphan_head, norphans, caporphans;
 } fc_listener;
 
@@ -50,6 +51,8 @@ typedef struct fc_worker {
     int window;          /* this worker's window (<= d->window; set_window) */
     uint64_t dispatched;
     fc_ledger ledger;
+    uint64_t stall_head; /* ledger head when stall_since was set */
+    int64_t stall_since; /* ms: since when sent fds wait untaken (see stalled()) */
 } fc_worker;
 
 struct fc_dispatcher {
@@ -70,6 +73,11 @@ struct fc_dispatcher {
     int64_t backoff_until;
     int backoff_ms;
     int send_retry;      /* a flush hit ETOOMANYREFS */
+    int stall_ms;        /* a worker sitting on sent fds this long is skipped; 0: never */
+    int max_orphans;     /* orphans kept at most (the oldest is reset); -1: no bound */
+    int orphan_timeout_ms; /* an orphan older than this is reset; 0: never */
+    int64_t orphan_deadline; /* ms when the oldest orphan expires; 0: none */
+    int64_t now;         /* ms, this pass of the loop (for stalled()) */
     fc_stats stats;
     struct { int fd; fc_hook_fn fn; void *arg; } hooks[FC_DISPATCH_MAX_HOOKS]; /* fn NULL: free */
 };
@@ -122,6 +130,8 @@ int fc_dispatcher_new(fc_dispatcher **out, fc_counters *table, int nslots,
     d->policy = policy;
     d->accepting = 1;
     d->reserve_fd = -1;
+    d->now = now_ms();
+    d->max_orphans = -1;
     d->workers = calloc((size_t)nslots, sizeof(fc_worker));
     d->dirty = calloc((size_t)nslots, sizeof(int));
     d->gone = calloc((size_t)nslots, sizeof(int));
@@ -164,6 +174,7 @@ void fc_dispatcher_free(fc_dispatcher *d)
         for (int k = l->orphan_head; k < l->norphans; k++)
             close(l->orphans[k]);
         free(l->orphans);
+        free(l->orphan_at);
         free(l->subs);
     }
     if (d->reserve_fd >= 0)
@@ -187,6 +198,14 @@ int fc_dispatcher_set_policy(fc_dispatcher *d, int policy)
 }
 
 void fc_dispatcher_set_accepting(fc_dispatcher *d, int on) { d->accepting = on != 0; }
+
+int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms)
+{
+    if (ms < 0 || ms > 3600000)
+        return -EINVAL;
+    d->stall_ms = ms;
+    return 0;
+}
 
 /* ---- listeners ------------------------------------------------------- */
 
@@ -240,25 +259,121 @@ int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
     return 0;
 }
 
-static int orphan_push(fc_listener *l, int fd)
+/* ---- orphans: fds whose worker is gone, waiting for another ------------
+ *
+ * They come back from a dead worker's ledger and queue (remove_worker), and
+ * each holds one of the primary's fds, so they are bounded: at most
+ * max_orphans (the caller derives it from RLIMIT_NOFILE and the fds in use,
+ * keeping room for respawns and control), the oldest reset at the bound,
+ * and none kept longer than orphan_timeout_ms. A reset (SO_LINGER 0) tells
+ * the client at once, where a hang would hold its fd in the primary. */
+
+static void reset_close(int fd)
 {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)); /* not a socket: a plain close */
+    close(fd);
+}
+
+static int count_orphans(const fc_dispatcher *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->nlisteners; i++)
+        if (d->listeners[i].fd >= 0)
+            n += d->listeners[i].norphans - d->listeners[i].orphan_head;
+    return n;
+}
+
+/* The listener whose first orphan is the oldest, or NULL. */
+static fc_listener *oldest_orphans(fc_dispatcher *d)
+{
+    fc_listener *best = NULL;
+    for (int i = 0; i < d->nlisteners; i++) {
+        fc_listener *l = &d->listeners[i];
+        if (l->fd >= 0 && l->orphan_head < l->norphans &&
+            (!best || l->orphan_at[l->orphan_head] < best->orphan_at[best->orphan_head]))
+            best = l;
+    }
+    return best;
+}
+
+static int shed_orphans(fc_dispatcher *d, int keep)
+{
+    int n = count_orphans(d), shed = 0;
+    while (n > keep) {
+        fc_listener *l = oldest_orphans(d);
+        if (!l)
+            break;
+        reset_close(l->orphans[l->orphan_head++]);
+        n--;
+        shed++;
+    }
+    d->stats.orphans_shed += (uint64_t)shed;
+    return shed;
+}
+
+static int orphan_push(fc_dispatcher *d, fc_listener *l, int fd)
+{
+    if (d->max_orphans == 0)
+        return -ENOSPC; /* no room at all: the caller resets it */
+    if (d->max_orphans > 0)
+        shed_orphans(d, d->max_orphans - 1);
     if (l->orphan_head > 0 && l->norphans == l->caporphans) {
         /* compact before growing */
         memmove(l->orphans, l->orphans + l->orphan_head,
                 sizeof(int) * (size_t)(l->norphans - l->orphan_head));
+        memmove(l->orphan_at, l->orphan_at + l->orphan_head,
+                sizeof(int64_t) * (size_t)(l->norphans - l->orphan_head));
         l->norphans -= l->orphan_head;
         l->orphan_head = 0;
     }
     if (l->norphans == l->caporphans) {
         int cap = l->caporphans ? l->caporphans * 2 : 64;
         int *grown = realloc(l->orphans, sizeof(int) * (size_t)cap);
+        int64_t *grown_at;
         if (!grown)
             return -ENOMEM;
         l->orphans = grown;
+        grown_at = realloc(l->orphan_at, sizeof(int64_t) * (size_t)cap);
+        if (!grown_at)
+            return -ENOMEM;
+        l->orphan_at = grown_at;
         l->caporphans = cap;
     }
+    l->orphan_at[l->norphans] = now_ms();
     l->orphans[l->norphans++] = fd;
     return 0;
+}
+
+/* Resets the orphans older than orphan_timeout_ms; notes when the next one
+ * expires (the loop wakes for it). */
+static void expire_orphans(fc_dispatcher *d, int64_t now)
+{
+    int expired = 0;
+    d->orphan_deadline = 0;
+    if (d->orphan_timeout_ms <= 0)
+        return;
+    for (;;) {
+        fc_listener *l = oldest_orphans(d);
+        if (!l)
+            break;
+        if (now - l->orphan_at[l->orphan_head] < d->orphan_timeout_ms) {
+            d->orphan_deadline = l->orphan_at[l->orphan_head] + d->orphan_timeout_ms;
+            break;
+        }
+        reset_close(l->orphans[l->orphan_head++]);
+        expired++;
+    }
+    d->stats.orphans_expired += (uint64_t)expired;
+}
+
+int fc_dispatcher_set_orphan_limits(fc_dispatcher *d, int max_orphans, int timeout_ms)
+{
+    if (max_orphans < -1 || timeout_ms < 0)
+        return -EINVAL;
+    d->max_orphans = max_orphans;
+    d->orphan_timeout_ms = timeout_ms;
+    return max_orphans >= 0 ? shed_orphans(d, max_orphans) : 0;
 }
 
 /* ---- workers --------------------------------------------------------- */
@@ -287,12 +402,14 @@ int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_f
     r = epoll_set(d, EPOLL_CTL_ADD, data_fd, EPOLLIN | EPOLLRDHUP, PACK(KIND_WORKER, slot));
     if (r < 0)
         return r;
-    memset(&d->table[slot], 0, sizeof(fc_counters));
+    memset(fc_counters_at(d->table, slot), 0, sizeof(fc_counters));
     w->data_fd = data_fd;
     w->peer_fd = peer_fd;
     w->out_armed = w->waiting = w->dirty = 0;
     w->window = d->window;
     w->dispatched = 0;
+    w->stall_head = 0;
+    w->stall_since = d->now;
     if (slot >= d->top)
         d->top = slot + 1;
     return 0;
@@ -372,10 +489,10 @@ static int take_back(fc_dispatcher *d, int peer_fd)
             break; /* -EAGAIN: empty */
         for (int k = 0; k < n; k++) {
             if (valid_listener(d, (int)tags[k]) &&
-                orphan_push(&d->listeners[tags[k]], fds[k]) == 0)
+                orphan_push(d, &d->listeners[tags[k]], fds[k]) == 0)
                 moved++;
             else
-                close(fds[k]);
+                reset_close(fds[k]);
         }
     }
     return moved;
@@ -395,7 +512,7 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
     led = &w->ledger;
     /* Whatever the worker counted as taken is its own (and died with it);
      * the rest never reached it: ours are the only copies. */
-    fc_ledger_reclaim(led, fc_counter_load(&d->table[slot].taken));
+    fc_ledger_reclaim(led, fc_counter_load(&fc_counters_at(d->table, slot)->taken));
     if (w->peer_fd >= 0) {
         moved += take_back(d, w->peer_fd); /* before our end closes: the queue goes with it */
         close(w->peer_fd);
@@ -420,10 +537,10 @@ int fc_dispatcher_remove_worker(fc_dispatcher *d, int slot)
         uint32_t lid = led->tags[i & led->mask];
         if (fd < 0)
             continue; /* sent, copy closed: take_back() had it if it was not taken */
-        if (valid_listener(d, (int)lid) && orphan_push(&d->listeners[lid], fd) == 0) {
+        if (valid_listener(d, (int)lid) && orphan_push(d, &d->listeners[lid], fd) == 0) {
             moved++;
         } else {
-            close(fd); /* its listener is gone: nobody can serve it */
+            reset_close(fd); /* its listener is gone, or no room: nobody can serve it */
         }
     }
     led->head = led->sent = led->tail = 0;
@@ -439,7 +556,18 @@ static inline int room(const fc_dispatcher *d, const fc_worker *w)
     return w->window - (int)fc_ledger_held(&w->ledger);
 }
 
-static int choose(fc_dispatcher *d, fc_listener *l)
+/* A worker that has had fds in its channel, none of them taken, for
+ * stall_ms: stopped (SIGSTOP), hung, or starved of CPU. Skipped while
+ * another worker can serve, until it takes them (its ledger head moves).
+ * Only the ledger's positions count, never a raw counter: head is at most
+ * what we sent, whatever the worker wrote into `taken`. */
+static inline int stalled(const fc_dispatcher *d, const fc_worker *w)
+{
+    return d->stall_ms > 0 && w->ledger.sent != w->ledger.head &&
+           d->now - w->stall_since >= d->stall_ms;
+}
+
+static int choose_among(fc_dispatcher *d, fc_listener *l, int skip_stalled, int *skipped)
 {
     int best = -1, n = l->nsubs;
     uint64_t best_load = UINT64_MAX;
@@ -449,12 +577,16 @@ static int choose(fc_dispatcher *d, fc_listener *l)
         fc_worker *w = &d->workers[l->subs[i]];
         if (room(d, w) <= 0)
             continue;
+        if (skip_stalled && stalled(d, w)) {
+            *skipped = 1;
+            continue;
+        }
         if (d->policy == FC_POLICY_RR) {
             l->rr = (unsigned)(i + 1) % (unsigned)n;
             return l->subs[i];
         }
         /* open now = given to it - closed by it (a worker may overcount closes) */
-        uint64_t closed = fc_counter_load(&d->table[l->subs[i]].closed);
+        uint64_t closed = fc_counter_load(&fc_counters_at(d->table, l->subs[i])->closed);
         uint64_t given = w->dispatched;
         uint64_t load = given > closed ? given - closed : 0;
         if (load < best_load) {
@@ -466,6 +598,41 @@ static int choose(fc_dispatcher *d, fc_listener *l)
         return -1;
     l->rr = (unsigned)(best + 1) % (unsigned)n;
     return l->subs[best];
+}
+
+/* Every worker with room is stalled: the one holding the fewest fds it
+ * has not taken (a busy worker short of CPU has a few; a stopped one has
+ * all it was given since it stopped, one more with each choice). */
+static int least_stalled(fc_dispatcher *d, fc_listener *l)
+{
+    int best = -1, n = l->nsubs;
+    uint32_t best_held = UINT32_MAX;
+    for (int k = 0; k < n; k++) {
+        int i = (int)((l->rr + (unsigned)k) % (unsigned)n);
+        fc_worker *w = &d->workers[l->subs[i]];
+        if (room(d, w) > 0 && fc_ledger_held(&w->ledger) < best_held) {
+            best_held = fc_ledger_held(&w->ledger);
+            best = i;
+        }
+    }
+    if (best < 0)
+        return -1;
+    l->rr = (unsigned)(best + 1) % (unsigned)n;
+    return l->subs[best];
+}
+
+/* The worker for the next connection of l, or -1 when none has room. A
+ * stalled worker is chosen only when every worker with room is stalled:
+ * the connection then waits in its channel, where the worker's return or a
+ * replacement (take_back) gets it, as it would wait in the backlog. */
+static int choose(fc_dispatcher *d, fc_listener *l)
+{
+    int skipped = 0, slot = choose_among(d, l, 1, &skipped);
+    if (skipped)
+        d->stats.stall_skips++;
+    if (slot < 0 && skipped)
+        slot = least_stalled(d, l);
+    return slot;
 }
 
 static int listener_room(const fc_dispatcher *d, const fc_listener *l)
@@ -595,6 +762,10 @@ static void flush(fc_dispatcher *d, int slot)
             worker_gone(d, slot); /* EPIPE, ECONNRESET: the worker's end is closed */
             return;
         }
+        if (led->sent == led->head) {
+            w->stall_since = d->now; /* the first fd waiting: the stall clock starts */
+            w->stall_head = led->head;
+        }
         if (w->peer_fd >= 0) {
             /* The queue holds the file now and take_back() can read it back:
              * our copy would only delay the FIN of the worker's close(). */
@@ -669,8 +840,9 @@ static int ask_wake(fc_dispatcher *d)
             continue;
         if (w->peer_fd >= 0 && room(d, w) > 0)
             continue; /* no copies to close: only a full window needs to hear */
-        if (fc_counters_want_wake(&d->table[s], fc_counter_load(&d->table[s].taken))) {
-            fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
+        fc_counters *c = fc_counters_at(d->table, s);
+        if (fc_counters_want_wake(c, fc_counter_load(&c->taken))) {
+            fc_ledger_reclaim(&w->ledger, fc_counter_load(&c->taken));
             moved = 1;
         } else {
             w->waiting = 1;
@@ -684,12 +856,17 @@ static int ask_wake(fc_dispatcher *d)
 static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
 {
     *paused_for_room = 0;
+    d->now = now;
     for (int s = 0; s < d->top; s++) {
         fc_worker *w = &d->workers[s];
         if (w->data_fd >= 0 && fc_ledger_held(&w->ledger) > 0)
-            fc_ledger_reclaim(&w->ledger, fc_counter_load(&d->table[s].taken));
+            fc_ledger_reclaim(&w->ledger, fc_counter_load(&fc_counters_at(d->table, s)->taken));
+        if (w->ledger.head != w->stall_head) { /* it took some: not stalled */
+            w->stall_head = w->ledger.head;
+            w->stall_since = now;
+        }
     }
-    d->stats.orphaned = 0;
+    expire_orphans(d, now);
     for (int lid = 0; lid < d->nlisteners; lid++) {
         fc_listener *l = &d->listeners[lid];
         int want, servable;
@@ -704,7 +881,6 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
         }
         if (l->orphan_head == l->norphans)
             l->orphan_head = l->norphans = 0;
-        d->stats.orphaned += (uint64_t)(l->norphans - l->orphan_head);
         want = servable && d->accepting && now >= d->backoff_until && l->norphans == 0;
         if (servable && listener_room(d, l) == 0) {
             if (want && l->polled)
@@ -716,6 +892,7 @@ static void prepare(fc_dispatcher *d, int64_t now, int *paused_for_room)
             epoll_set(d, EPOLL_CTL_MOD, l->fd, want ? EPOLLIN : 0, PACK(KIND_LISTENER, lid)) == 0)
             l->polled = want;
     }
+    d->stats.orphaned = (uint64_t)count_orphans(d);
     if (d->ndirty)
         flush_dirty(d);
 }
@@ -727,6 +904,8 @@ static int wait_ms(fc_dispatcher *d, int64_t now, int64_t deadline, int paused_f
         t = d->backoff_until - now;
     if (paused_for_room && (t < 0 || t > PAUSED_RECHECK_MS))
         t = PAUSED_RECHECK_MS;
+    if (d->orphan_deadline > 0 && (t < 0 || d->orphan_deadline - now < t))
+        t = d->orphan_deadline > now ? d->orphan_deadline - now : 0;
     if (d->send_retry && (t < 0 || t > SEND_RETRY_MS)) {
         t = SEND_RETRY_MS;
         d->send_retry = 0;
@@ -777,6 +956,7 @@ int fc_dispatcher_run(fc_dispatcher *d, int timeout_ms, fc_event *out, int max)
         }
         if (n < 0)
             return errno == EINTR ? 0 : -errno; /* EINTR: let the caller run signal handlers */
+        d->now = now_ms();
         for (int i = 0; i < n; i++) {
             uint64_t data = evs[i].data.u64;
             int id = ID_OF(data);
@@ -883,7 +1063,11 @@ int fc_dispatcher_unhook(fc_dispatcher *d, int fd)
     return -ENOENT;
 }
 
-void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out) { *out = d->stats; }
+void fc_dispatcher_stats(const fc_dispatcher *d, fc_stats *out)
+{
+    *out = d->stats;
+    out->orphaned = (uint64_t)count_orphans(d); /* now, not as of the last pass */
+}
 
 int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *out)
 {
@@ -892,7 +1076,7 @@ int fc_dispatcher_slot_stats(const fc_dispatcher *d, int slot, fc_slot_stats *ou
     if (slot < 0 || slot >= d->nslots)
         return -EINVAL;
     w = &d->workers[slot];
-    c = &d->table[slot];
+    c = fc_counters_at(d->table, slot);
     out->dispatched = w->dispatched;
     out->held = w->ledger.fds ? fc_ledger_held(&w->ledger) : 0;
     out->unsent = w->ledger.fds ? fc_ledger_unsent(&w->ledger) : 0;

@@ -55,6 +55,9 @@ typedef struct fc_stats {
     uint64_t pauses;        /* times every worker of a listener was full */
     uint64_t send_again;    /* sendmsg backpressure (EAGAIN/ETOOMANYREFS) */
     uint64_t orphaned;      /* fds now waiting with no worker to take them */
+    uint64_t stall_skips;   /* choices that passed over a stalled worker */
+    uint64_t orphans_shed;  /* orphans reset at the max_orphans bound */
+    uint64_t orphans_expired; /* orphans reset after orphan_timeout_ms */
 } fc_stats;
 
 typedef struct fc_slot_stats {
@@ -80,6 +83,18 @@ void fc_dispatcher_free(fc_dispatcher *d);
 int fc_dispatcher_fd(const fc_dispatcher *d);
 
 int fc_dispatcher_set_policy(fc_dispatcher *d, int policy);
+
+/* A worker that has had fds sent to it, none taken, for ms milliseconds is
+ * skipped (rr and least) while another worker has room, until it takes
+ * them: a stopped or hung worker does not hold every other connection.
+ * 0 (the default): never skipped. Returns 0 or -EINVAL (ms > 1 hour). */
+int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms);
+
+/* Bounds the orphans (fds of a gone worker waiting for another): at most
+ * max_orphans (-1: no bound, the default; 0: none, each is reset at once),
+ * the oldest reset (SO_LINGER 0) to make room for a new one; and each kept
+ * at most timeout_ms (0: no expiry). Returns how many were reset now. */
+int fc_dispatcher_set_orphan_limits(fc_dispatcher *d, int max_orphans, int timeout_ms);
 
 /* Starts or stops accepting on every listener (graceful shutdown). */
 void fc_dispatcher_set_accepting(fc_dispatcher *d, int on);

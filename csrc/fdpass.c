@@ -32,6 +32,7 @@ int fc_send_fds(int sock, const int *fds, const uint32_t *tags, int n)
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.buf;
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+    memset(cbuf.buf, 0, msg.msg_controllen); /* CMSG_SPACE pads an odd count: no stack bytes */
     cmsg = CMSG_FIRSTHDR(&msg);
     cmsg->cmsg_level = SOL_SOCKET;
     cmsg->cmsg_type = SCM_RIGHTS;

@@ -17,8 +17,11 @@ cdef extern from "counters.h" nogil:
         uint32_t pid
         uint64_t beat
         uint32_t timeout_ms
+    fc_counters *fc_counters_at(fc_counters *table, int slot)
     int fc_counters_create(int nslots, fc_counters **table)
-    int fc_counters_attach(int fd, int nslots, fc_counters **table)
+    int fc_counters_renew(fc_counters *table, int nslots, int slot)
+    int fc_counters_confine(fc_counters *table, int nslots, int slot)
+    int fc_counters_attach_slot(int fd, fc_counters **slot)
     void fc_counters_detach(fc_counters *table, int nslots)
     uint64_t fc_counter_load(const uint64_t *c)
     void fc_counter_add(uint64_t *c, uint64_t n)
@@ -53,6 +56,9 @@ cdef extern from "dispatch.h" nogil:
         uint64_t pauses
         uint64_t send_again
         uint64_t orphaned
+        uint64_t stall_skips
+        uint64_t orphans_shed
+        uint64_t orphans_expired
     ctypedef struct fc_slot_stats:
         uint64_t dispatched
         uint32_t held
@@ -66,6 +72,8 @@ cdef extern from "dispatch.h" nogil:
     int fc_dispatcher_fd(const fc_dispatcher *d)
     int fc_dispatcher_set_policy(fc_dispatcher *d, int policy)
     void fc_dispatcher_set_accepting(fc_dispatcher *d, int on)
+    int fc_dispatcher_set_stall_ms(fc_dispatcher *d, int ms)
+    int fc_dispatcher_set_orphan_limits(fc_dispatcher *d, int max_orphans, int timeout_ms)
     int fc_dispatcher_add_listener(fc_dispatcher *d, int fd)
     int fc_dispatcher_remove_listener(fc_dispatcher *d, int lid)
     int fc_dispatcher_add_worker(fc_dispatcher *d, int slot, int data_fd, int peer_fd)

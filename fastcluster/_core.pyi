@@ -25,13 +25,18 @@ def recv_fds(sock: int, max_fds: int = 253) -> tuple[list[int], list[int]]:
     arrived was closed)."""
 
 class CounterTable:
-    """Per-worker counters in shared memory (one 64-byte slot per worker).
-    CounterTable(n) creates a table (memfd); CounterTable(n, fd) maps an
-    existing one from an inherited fd (the fd stays the caller's)."""
+    """Per-worker counters in shared memory, one page per slot (csrc/counters.h).
+    CounterTable(n) creates the table (the primary: every slot readable);
+    CounterTable(n, fd, slot) maps one slot from the memfd renew() gave it
+    (a spawned worker; the fd stays the caller's): only that slot is
+    reachable, as after confine() in a forked worker."""
 
-    def __init__(self, nslots: int, fd: int = -1) -> None: ...
-    @property
-    def fd(self) -> int: ...
+    def __init__(self, nslots: int, fd: int = -1, slot: int = -1) -> None: ...
+    def renew(self, slot: int) -> int:
+        """Primary, before a worker starts in slot: a fresh sealed one-page
+        memfd over the slot (zeroed); the caller passes it on and closes it."""
+    def confine(self, slot: int) -> None:
+        """Forked worker, before any user code: unmap every slot but this one."""
     @property
     def nslots(self) -> int: ...
     def read(self, slot: int) -> dict[str, int]:
@@ -85,6 +90,12 @@ class Dispatcher:
     def fileno(self) -> int: ...
     def set_policy(self, policy: int) -> None: ...
     def set_accepting(self, on: bool) -> None: ...
+    def set_stall_ms(self, ms: int) -> None:
+        """Skip a worker that has held sent fds, none taken, for ms (0: never)."""
+    def set_orphan_limits(self, max_orphans: int, timeout_ms: int) -> int:
+        """Orphans (fds of a gone worker) kept at most (-1: no bound), the
+        oldest reset; each at most timeout_ms (0: forever). Returns how many
+        were reset now."""
     def add_listener(self, fd: int) -> int:
         """Returns the listener id (the tag its fds carry). fd stays the caller's."""
     def remove_listener(self, lid: int) -> None: ...

@@ -84,47 +84,71 @@ def recv_fds(sock, int max_fds=FC_FDPASS_MAX):
 
 
 cdef class CounterTable:
-    """Per-worker counters in shared memory (csrc/counters.h)."""
-    cdef fc_counters *table
-    cdef int _fd
+    """Per-worker counters in shared memory (csrc/counters.h): one page per
+    slot. In the primary every slot is readable; in a worker (after
+    confine() or when attached from a slot's memfd) only its own."""
+    cdef fc_counters *table   # the region (primary, or a forked worker's view)
+    cdef fc_counters *own     # the one slot a worker can reach, else NULL
     cdef int _nslots
-    cdef bint owns_fd
+    cdef int _only            # that slot, else -1
 
-    def __cinit__(self, int nslots, int fd=-1):
+    def __cinit__(self, int nslots, int fd=-1, int slot=-1):
         self.table = NULL
-        self._fd = -1
+        self.own = NULL
+        self._only = -1
         if nslots < 1 or nslots > 65536:
             raise ValueError(f"nslots must be 1 to 65536, got {nslots}")
         self._nslots = nslots
         if fd < 0:
-            self._fd = _check(fc_counters_create(nslots, &self.table), "memfd_create")
-            self.owns_fd = True
+            _check(fc_counters_create(nslots, &self.table), "mmap")
         else:
-            _check(fc_counters_attach(fd, nslots, &self.table), "mmap")
-            self._fd = fd
-            self.owns_fd = False
+            if slot < 0 or slot >= nslots:
+                raise ValueError(f"slot must be 0 to {nslots - 1}, got {slot}")
+            _check(fc_counters_attach_slot(fd, &self.own), "mmap")
+            self._only = slot
 
     def __dealloc__(self):
         self._release()
 
     cdef void _release(self):
-        if self.table != NULL:
+        if self.own != NULL:
+            fc_counters_detach(self.own, 1)
+        elif self.table != NULL:
             fc_counters_detach(self.table, self._nslots)
-            self.table = NULL
-        if self.owns_fd and self._fd >= 0:
-            close(self._fd)
-        self._fd = -1
+        self.own = NULL
+        self.table = NULL
 
     cdef fc_counters *slot_ptr(self, int slot) except NULL:
-        if self.table == NULL:
+        if self.table == NULL and self.own == NULL:
             raise ValueError("the counter table is closed")
         if slot < 0 or slot >= self._nslots:
             raise ValueError(f"slot must be 0 to {self._nslots - 1}, got {slot}")
-        return &self.table[slot]
+        if self._only >= 0:
+            if slot != self._only:
+                raise ValueError(f"this worker can reach only its own slot "
+                                 f"{self._only}, not {slot}")
+            return self.own
+        return fc_counters_at(self.table, slot)
 
-    @property
-    def fd(self):
-        return self._fd
+    def renew(self, int slot):
+        """Primary, before a worker starts in slot: a fresh sealed one-page
+        memfd mapped over the slot (zeroed). Returns the memfd, the caller's
+        to pass to the worker and close."""
+        self.slot_ptr(slot)
+        if self._only >= 0:
+            raise ValueError("a worker's table cannot renew slots")
+        return _check(fc_counters_renew(self.table, self._nslots, slot), "memfd_create")
+
+    def confine(self, int slot):
+        """In a forked worker, before any user code: unmaps every slot but
+        its own; from then on only that slot can be read or written."""
+        cdef fc_counters *own = self.slot_ptr(slot)
+        if self._only >= 0:
+            return
+        _check(fc_counters_confine(self.table, self._nslots, slot), "munmap")
+        self.own = own
+        self.table = NULL
+        self._only = slot
 
     @property
     def nslots(self):
@@ -249,6 +273,8 @@ cdef class Dispatcher:
         if policy not in (FC_POLICY_RR, FC_POLICY_LEAST):
             raise ValueError(f"policy must be POLICY_RR or POLICY_LEAST, got {policy!r}")
         table.slot_ptr(0)
+        if table._only >= 0:
+            raise ValueError("a worker's counter table cannot drive a dispatcher")
         self.table = table
         self.events = <fc_event *>malloc(sizeof(fc_event) * MAX_EVENTS)
         if self.events == NULL:
@@ -280,6 +306,19 @@ cdef class Dispatcher:
 
     def set_accepting(self, bint on):
         fc_dispatcher_set_accepting(self.ptr(), on)
+
+    def set_stall_ms(self, int ms):
+        if ms < 0 or ms > 3600000:
+            raise ValueError(f"stall_ms must be 0 to 3600000, got {ms}")
+        _check(fc_dispatcher_set_stall_ms(self.ptr(), ms), "set_stall_ms")
+
+    def set_orphan_limits(self, int max_orphans, int timeout_ms):
+        if max_orphans < -1:
+            raise ValueError(f"max_orphans must be -1 (no bound) or >= 0, got {max_orphans}")
+        if timeout_ms < 0:
+            raise ValueError(f"timeout_ms must be >= 0 (0: no expiry), got {timeout_ms}")
+        return _check(fc_dispatcher_set_orphan_limits(self.ptr(), max_orphans, timeout_ms),
+                      "set_orphan_limits")
 
     def add_listener(self, fd):
         return _check(fc_dispatcher_add_listener(self.ptr(), _fd_arg(fd, "fd")), "add_listener")
@@ -343,7 +382,8 @@ cdef class Dispatcher:
         fc_dispatcher_stats(self.ptr(), &s)
         return {"accepted": s.accepted, "redispatched": s.redispatched, "shed": s.shed,
                 "emfile": s.emfile, "pauses": s.pauses, "send_again": s.send_again,
-                "orphaned": s.orphaned}
+                "orphaned": s.orphaned, "stall_skips": s.stall_skips,
+                "orphans_shed": s.orphans_shed, "orphans_expired": s.orphans_expired}
 
     def slot_stats(self, int slot):
         cdef fc_slot_stats s

@@ -156,6 +156,10 @@ def data_channel():
     return socket.socket(fileno=os.dup(_role.runtime.intake.channel.fileno()))
 
 if cluster.is_primary:
+    # the idle worker is to hold its rr share until it hangs up: with the
+    # stall skip (stall_ms, tests/test_faults_stall.py) it would be passed
+    # over once it sat on its first fds, and the hang-up path go untested
+    cluster.setup_primary(stall_ms=0)
     for role in ("hangup", "good", "chatter"):
         cluster.fork({"ROLE": role})
     cluster.on("message", lambda w, m: print(m, w.pid, flush=True))

@@ -6,6 +6,10 @@ primary serves a tiny HTTP endpoint on its own address, apart from the
 workers' ports, so a balancer (HAProxy, a Kubernetes probe) can ask:
 
   GET /healthz   200 while the primary's loop runs (it answers: it is alive)
+                 and some worker has been alive within `health_grace`
+                 seconds; 503 once there has been none for longer (every
+                 respawn failing, a crash loop backing off: a liveness
+                 probe should restart the primary)
   GET /readyz    200 while at least one worker listens and no drain or
                  shutdown is under way; else 503 with the reason
 
@@ -115,6 +119,18 @@ class Health:
         self._drain_end = 0.0  # time.monotonic() when the shutdown starts
         self._drain_timer: Timer | None = None
         self._server: _Server | None = None
+        self._no_worker_since: float | None = None  # monotonic: the last worker's exit
+
+    def no_worker(self) -> None:
+        """The last worker is gone (a new one makes _dead_for() 0 again)."""
+        self._no_worker_since = time.monotonic()
+
+    def _dead_for(self) -> float:
+        """Seconds with no worker alive past health_grace (0.0: alive enough)."""
+        if self._no_worker_since is None or self._p.workers:
+            return 0.0
+        gone = time.monotonic() - self._no_worker_since
+        return gone if gone > self._p.config().health_grace else 0.0
 
     def _listening(self) -> int:
         return sum(1 for w in self._p.workers.values()
@@ -141,7 +157,7 @@ class Health:
         reason = self._not_ready()
         cfg = self._p.config()
         return {
-            "alive": True,
+            "alive": not self._dead_for(),  # as /healthz
             "ready": reason is None,
             "reason": reason or "ready",
             "draining": self.draining and self._p._shutdown is None,
@@ -204,6 +220,9 @@ class Health:
         if method not in ("GET", "HEAD"):
             return 405, "method not allowed: GET or HEAD\n"
         if path == "/healthz":
+            gone = self._dead_for()
+            if gone:
+                return 503, f"not alive: no worker alive for {gone:.1f} s\n"
             return 200, "ok\n"
         reason = self._not_ready()
         if reason is None:

@@ -41,7 +41,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from . import prefork
 from . import systemd as _systemd
 from .backoff import Backoff
 from .channels import Channels
+from .fdroom import FdRoom
 from .health import Health
 from .operations import Operations, core_policy
 from .proc import Proc
@@ -67,6 +67,7 @@ from .registry import Registry
 from .respawn import Respawner
 from .rolling import Rolling
 from .signals import Signals
+from .slotfds import SlotFds, open_slot
 from .timers import Timers
 from .watchdog import Watchdog
 
@@ -110,16 +111,19 @@ class Primary(Operations, Signals, Channels):
         self._running = False
         self._readers: dict[int, Callable[[], object]] = {}  # add_reader(): by token
         self.health = Health(self)  # readiness, drain, /healthz and /readyz (health.py)
+        self.fdroom = FdRoom(self)  # RLIMIT_NOFILE, the bound on orphans (fdroom.py)
 
     # -- forking -------------------------------------------------------------
 
     def _ensure_core(self) -> tuple[CounterTable, Dispatcher, Registry]:
         if self.table is None or self.dispatcher is None or self.registry is None:
             cfg = self.config()
+            self.fdroom.start()  # the soft RLIMIT_NOFILE up to the hard one, first
             self.table = CounterTable(self.NSLOTS)
             self.dispatcher = Dispatcher(self.table, window=cfg.window,
                                          accept_batch=cfg.accept_batch,
                                          policy=core_policy(cfg.policy))
+            self.dispatcher.set_stall_ms(cfg.stall_ms)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.dispatcher.watch(self._wake_r, self.WAKE_TOKEN, EPOLLIN)
             self.registry = Registry(self._get_dispatcher, self.NSLOTS, cfg.steer_mode)
@@ -154,15 +158,7 @@ class Primary(Operations, Signals, Channels):
         if not spawn:
             prefork.preload()  # what every forked worker would import: once, here
         slot = self._free_slot()
-        data_p, data_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ctl_p, ctl_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            dispatcher.add_worker(slot, data_p.fileno(), data_w.fileno())
-        except BaseException:
-            for s in (data_p, data_w, ctl_p, ctl_w):
-                s.close()
-            raise
-        data_p.detach()  # the dispatcher's now
+        fds = open_slot(table, dispatcher, slot)  # its page, its channels (slotfds.py)
         self._watchdog.prepare(slot)  # before the fork: the slot's hang timeout
         registry.steering.starting(slot, cfg, forked=not spawn)  # steer: its pages, its queue
         worker = Worker(self._next_id, self)
@@ -176,23 +172,23 @@ class Primary(Operations, Signals, Channels):
             pid = os.fork()
         except BaseException:
             dispatcher.remove_worker(slot)
-            for s in (data_w, ctl_p, ctl_w):
-                s.close()
+            fds.close()
             raise
         if pid == 0:
             code = 1
             try:
                 prefork.die_with_parent(parent)
-                code = self._child(proc, ctl_p, ctl_w, data_w, spec, env, spawn)
+                code = self._child(proc, fds, spec, env, spawn)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     traceback.print_exc()
             finally:
                 os._exit(code)
-        data_w.close()
-        ctl_w.close()
-        proc.chan = ControlSocket(ctl_p, max_frame=cfg.max_frame)
-        dispatcher.watch(ctl_p.fileno(), worker.id, EPOLLIN)
+        os.close(fds.table_fd)  # the worker has it; we keep the mapping
+        fds.data_w.close()
+        fds.ctl_w.close()
+        proc.chan = ControlSocket(fds.ctl_p, max_frame=cfg.max_frame)
+        dispatcher.watch(fds.ctl_p.fileno(), worker.id, EPOLLIN)
         worker.pid = pid
         table.set_pid(slot, pid)
         self._procs[worker.id] = proc
@@ -205,24 +201,32 @@ class Primary(Operations, Signals, Channels):
         self._soon.append(lambda: self.events.emit("fork", worker))
         return worker
 
-    def _child(self, proc: Proc, ctl_p: socket.socket, ctl_w: socket.socket,
-               data_w: socket.socket, spec: boot.MainSpec, env: dict[str, str],
+    def _child(self, proc: Proc, fds: SlotFds, spec: boot.MainSpec, env: dict[str, str],
                spawn: bool) -> int:
         """In the forked child: drop the primary's fds, become the worker."""
         cfg = self.config()
         table = self.table
         assert table is not None
         settings = dict(self.settings)
-        ctl_p.close()
+        fds.ctl_p.close()
+        table_fd = fds.table_fd
         page = self.registry.steering.child_page(proc.slot) if self.registry else None
         self._drop_in_child()
+        # before any user code (post_fork is the first): only our own slot's
+        # page stays mapped, and no fd of the table is left to map the rest
+        # (a spawned worker maps table_fd, its slot's page, after the exec)
+        table.confine(proc.slot)
+        if not spawn:
+            os.close(table_fd)
+            table_fd = -1
         proc.worker.pid = os.getpid()
         _hooks.call(cfg, "post_fork", proc.worker)
         # The fork seam: from here the child runs the worker's start
         # (worker_side/boot.py's start_child, given by fastcluster/_role.py).
         return self._start_child(spawn=spawn, worker_id=proc.worker.id, slot=proc.slot,
-                                 ctl=ctl_w, data=data_w, table=table, spec=spec, cfg=cfg,
-                                 env=env, settings=settings, steer_page=page)
+                                 ctl=fds.ctl_w, data=fds.data_w, table=table,
+                                 table_fd=table_fd, spec=spec, cfg=cfg, env=env,
+                                 settings=settings, steer_page=page)
 
     def _drop_in_child(self) -> None:
         with contextlib.suppress(ValueError):
@@ -255,12 +259,14 @@ class Primary(Operations, Signals, Channels):
             raise RuntimeError("cluster.run() is already running")
         self.health.start()  # the `health` endpoint, if set (OSError if it cannot bind)
         self._running = True
+        self.fdroom.arm()  # bounds orphans by the fds left, every FdRoom.INTERVAL
         saved = self._install_signals()
         try:
             self._loop()
         finally:
             self._restore_signals(saved)
             self._running = False
+            self.fdroom.stop()
             self.health.close()
         if self._shutdown is not None and self.registry is not None:
             self.registry.close_all()
@@ -311,13 +317,6 @@ class Primary(Operations, Signals, Channels):
                 fn()
             except Exception:
                 log.exception("fastcluster: a callback raised")
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except OSError:
-            pass
 
     def shutdown(self, graceful: bool = True) -> None:
         """Graceful: stop accepting, disconnect every worker, SIGKILL those
@@ -389,6 +388,7 @@ class Primary(Operations, Signals, Channels):
         self._ready.stopping()
 
     def _all_gone(self) -> None:
+        self.health.no_worker()  # /healthz fails if none is back within health_grace
         cbs, self._disconnect_cbs = self._disconnect_cbs, []
         for cb in cbs:
             try:

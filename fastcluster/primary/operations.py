@@ -92,6 +92,7 @@ class Operations:
             self._recycler.arm()  # max_requests / max_rss set while running
         if self.dispatcher is not None:
             self.dispatcher.set_policy(core_policy(self.cfg.policy))
+            self.dispatcher.set_stall_ms(self.cfg.stall_ms)
         self._emit_setup()
 
     def _emit_setup(self) -> None:

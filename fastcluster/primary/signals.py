@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -39,6 +40,7 @@ class Signals:
     _rolling: Rolling
     _shutdown: str | None
     _signals: collections.deque[int]
+    _wake_r: int
     _wake_w: int
     dispatcher: Dispatcher | None
     health: Health
@@ -50,6 +52,13 @@ class Signals:
         def worker_disconnect(self, worker: Worker) -> None: ...
 
     # -- signals -------------------------------------------------------------
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
 
     def _install_signals(self) -> tuple[int, dict[signal.Signals, Any]] | None:
         if self.dispatcher is None or threading.current_thread() is not threading.main_thread():

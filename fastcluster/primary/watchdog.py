@@ -126,6 +126,14 @@ class Watchdog:
         w = proc.worker
         self._aborted.add(w.id)
         self._progress.pop(proc.slot, None)
+        if _stopped(w.pid):
+            # SIGABRT would wait for a SIGCONT (and SIGKILL for ABORT_GRACE):
+            # a stopped process has no stack to dump; SIGKILL acts at once
+            p._kill(proc, signal.SIGKILL)  # first: under steer its slot is biased out here
+            log.error("fastcluster: worker %d (pid %d) is hung: %s for %.2f s (timeout "
+                      "%g s), and it is stopped (SIGSTOP or a debugger); SIGKILL", w.id,
+                      w.pid, what, age, timeout)
+            return
         p._kill(proc, signal.SIGABRT)  # first: under steer its slot is biased out here
         log.error("fastcluster: worker %d (pid %d) is hung: %s for %.2f s (timeout %g s); "
                   "SIGABRT (stack on its stderr), SIGKILL in %g s", w.id, w.pid, what, age,
@@ -138,3 +146,13 @@ class Watchdog:
                 p._kill(proc, signal.SIGKILL)
 
         p._timers.call_later(ABORT_GRACE, still_alive)
+
+
+def _stopped(pid: int) -> bool:
+    """True if /proc says pid is stopped (T) or stopped by a tracer (t)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")

@@ -52,8 +52,8 @@ class StartChild(Protocol):
     start_child): returns the worker's exit status (spawn: never returns)."""
 
     def __call__(self, *, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
-                 data: socket.socket, table: CounterTable, spec: MainSpec, cfg: Settings,
-                 env: dict[str, str], settings: dict[str, Any],
+                 data: socket.socket, table: CounterTable, table_fd: int, spec: MainSpec,
+                 cfg: Settings, env: dict[str, str], settings: dict[str, Any],
                  steer_page: SteerPage | None = None) -> int: ...
 
 

@@ -56,9 +56,13 @@ class Settings:
     timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see wire/beat.py
     window: int = 128  # fds in flight per worker (C dispatcher)
     accept_batch: int = 64  # accepts per listener per wake-up (C dispatcher)
+    stall_ms: int = 50  # rr/least skip a worker sitting on sent fds this long (0: never)
+    orphan_timeout: float | None = 30.0  # a dead worker's queued connection waits this
+    # long for another worker, then is reset (None: no expiry); see primary/fdroom.py
     backlog: int = 511  # listen() backlog when the worker gives none (Node's default)
     health: str | None = None  # "HOST:PORT" of /healthz and /readyz (primary/health.py); None: off
     drain_delay: float = 0.0  # seconds /readyz fails before a SIGTERM's graceful shutdown
+    health_grace: float = 60.0  # /healthz fails once no worker has been alive this long
     rolling_batch: int = 1  # workers replaced at once by a rolling restart (HUP)
     reload_signal: str = "SIGHUP"  # the signal that starts a rolling restart (RELOAD_SIGNALS)
     ready_timeout: float = 30.0  # seconds a replacement gets to listen, else it is killed
@@ -269,6 +273,17 @@ def check_delay(name: str, value: Any) -> float:
     return float(value)
 
 
+def _orphan_timeout(name: str, value: Any) -> float | None:
+    allowed = "None (no expiry) or a number of seconds from 0.05 to 86400"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, allowed)
+    if not 0.05 <= value <= 86400:  # also rejects nan
+        raise _bad(name, value, allowed, ValueError)
+    return float(value)
+
+
 def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if not _is_int(value):
@@ -299,6 +314,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "timeout": _hang_timeout,
     "window": _int_range(1, 65536),
     "accept_batch": _int_range(1, 4096),
+    "stall_ms": _int_range(0, 60000),
+    "orphan_timeout": _orphan_timeout,
+    "health_grace": _positive_float,
     "backlog": _int_range(1, 1 << 20),
     "health": check_address,
     "drain_delay": check_delay,

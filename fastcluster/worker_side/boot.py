@@ -270,8 +270,8 @@ def start_forked(*, worker_id: int, slot: int, ctl: socket.socket, data: socket.
 
 
 def start_child(*, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
-                data: socket.socket, table: CounterTable, spec: MainSpec, cfg: Settings,
-                env: dict[str, str], settings: dict[str, Any],
+                data: socket.socket, table: CounterTable, table_fd: int, spec: MainSpec,
+                cfg: Settings, env: dict[str, str], settings: dict[str, Any],
                 steer_page: SteerPage | None = None) -> int:
     """THE FORK SEAM, the worker's side (wire/boot.py's StartChild): the
     primary's forked child (primary/loop.py, Primary._child) calls this, as
@@ -279,7 +279,7 @@ def start_child(*, spawn: bool, worker_id: int, slot: int, ctl: socket.socket,
     the worker."""
     if spawn:
         exec_spawned(worker_id=worker_id, slot=slot, ctl_fd=ctl.fileno(),
-                     data_fd=data.fileno(), table_fd=table.fd, nslots=table.nslots,
+                     data_fd=data.fileno(), table_fd=table_fd, nslots=table.nslots,
                      spec=spec, cfg=cfg, env=env)
     return start_forked(worker_id=worker_id, slot=slot, ctl=ctl, data=data, table=table,
                         spec=spec, cfg=cfg, env=env, settings=settings, steer_page=steer_page)
@@ -321,7 +321,7 @@ def spawn_main() -> NoReturn:
         for fd in (ctl_fd, data_fd, table_fd):
             os.set_inheritable(fd, False)
         sys.path[:] = boot["sys_path"]
-        table = CounterTable(nslots, table_fd)
+        table = CounterTable(nslots, table_fd, slot)  # our own slot's page, nothing else
         os.close(table_fd)  # the mapping stays
         channel = WorkerChannel(data_fd, table, slot)
         runtime = WorkerRuntime(worker_id, socket.socket(fileno=ctl_fd), Intake(channel),
