@@ -36,6 +36,10 @@ class Hanging(PidHandler):
 
 def serve_single(port):
     server = HTTPServer(("127.0.0.1", port), Hanging, bind_and_activate=False)
+    # it serves one request at a time, so its window would be 1 and queued
+    # clients would wait in the kernel's backlog: claim more, to be handed a
+    # channel full of connections that become orphans when it dies
+    server.fastcluster_concurrency = 64
     cluster.listen_server(server)
     cluster.worker.send("serving")
     server.serve_forever(poll_interval=0.1)
@@ -47,7 +51,9 @@ if cluster.is_primary:
     settings = dict(timeout=1.0, respawn=True, respawn_delay=float(os.environ["DELAY"]),
                     respawn_delay_max=float(os.environ["DELAY"]))
     if os.environ.get("HEALTH"):
-        settings.update(health=os.environ["HEALTH"], health_grace=0.5, orphan_timeout=0.5)
+        # respawn_burst 0: the hung worker's replacement waits out DELAY too
+        settings.update(health=os.environ["HEALTH"], health_grace=0.5, orphan_timeout=0.5,
+                        respawn_burst=0)
     cluster.setup_primary(**settings)
     cluster.on("message", lambda w, m: print(m, w.id, w.pid, time.monotonic(), flush=True))
     cluster.on("exit", lambda w, code, sig: print("exit", w.id, w.pid, code, sig,

@@ -181,6 +181,9 @@ def test_hung_worker_is_steered_away_from_before_it_is_killed(tmp_path: Path,
                                 timeout=1)
     with running(path, run_env) as r:
         hung, other = pids_of(r.wait_for("listening", 2))
+        # its serve_forever() beats from its first turn, just after "listening"
+        # (a worker stopped before its first beat is not beating, so not hung)
+        time.sleep(0.5)
         os.kill(hung, signal.SIGSTOP)  # no heartbeat: the watchdog takes it for hung
         r.wait_for("fastcluster: worker", timeout=10)  # "... is hung: ...; SIGABRT"
         assert any("is hung" in ln for ln in r.seen), r.seen

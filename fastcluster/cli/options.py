@@ -211,9 +211,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("respawn_delay_max", _seconds, 30.0, "the most that delay grows to", "S"),
     Option("respawn_stable", _seconds, 10.0,
            "a worker that lived this long is replaced at once and ends a crash streak", "S"),
-    Option("respawn_burst", _int_range(1, 1 << 20), 10,
+    Option("respawn_burst", _int_range(0, 1 << 20), 10,
            "ready workers replaced at once within --respawn-stable; more deaths than this "
-           "(something kills them as they serve) go through the backoff", "N"),
+           "(something kills them as they serve) go through the backoff (0: every one)", "N"),
     Option("access_log", _bool, False, "log one line per request (--access-log-format)",
            "BOOL"),
     Option("log_level", _choice(*flag_groups.LOG_LEVELS), "info",

@@ -51,7 +51,7 @@ class Settings:
     respawn_delay: float = 0.1  # first delay after a worker died young (crash loop)
     respawn_delay_max: float = 30.0  # the delay doubles per young death up to this
     respawn_stable: float = 10.0  # a worker that lived this long is replaced at once
-    respawn_burst: int = 10  # ready workers replaced at once per respawn_stable; then backoff
+    respawn_burst: int = 10  # ready deaths replaced at once per respawn_stable; then backoff
     graceful_timeout: float = 30.0  # seconds a disconnecting worker gets before SIGKILL
     timeout: float | None = 30.0  # hang timeout, seconds (0/None: off); see wire/beat.py
     window: int = 128  # fds in flight per worker (C dispatcher)
@@ -323,7 +323,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "respawn_delay": _positive_float,
     "respawn_delay_max": _positive_float,
     "respawn_stable": _positive_float,
-    "respawn_burst": _int_range(1, 1 << 20),
+    "respawn_burst": _int_range(0, 1 << 20),
     "rolling_batch": _int_range(1, 64),
     "reload_signal": _reload_signal,
     "ready_timeout": _positive_float,
