@@ -196,6 +196,26 @@ def test_hung_worker_is_steered_away_from_before_it_is_killed(tmp_path: Path,
     assert code == 0
 
 
+@pytest.mark.parametrize("after", ["rr", "steer"])
+def test_the_port_binds_again_at_once_after_a_steer_primary_stops(
+        tmp_path: Path, env: dict[str, str], after: str) -> None:
+    # the server closes first (HTTP/1.0), so TIME_WAITs are left on the port
+    path, run_env, port = start(tmp_path, env, workers=2, policy="steer")
+    with running(path, run_env) as r:
+        r.wait_for("listening", 2)
+        assert all(http_get(port)[0] == 200 for _ in range(20))
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0
+    again = dict(run_env, SETTINGS='{"policy": "%s"}' % after)
+    with running(path, again) as r:
+        r.wait_for("listening", 2)  # before the fix: EADDRINUSE in the workers
+        assert http_get(port)[0] == 200
+        r.signal(signal.SIGTERM)
+        code, _out = r.finish()
+    assert code == 0
+
+
 UNIX = """
 import logging, os, socket
 import fastcluster as cluster

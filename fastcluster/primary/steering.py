@@ -150,6 +150,9 @@ class Steering:
             family, sockaddr = self._where[aid]
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
+                # SO_REUSEADDR too: the connections accepted here inherit it, and
+                # their TIME_WAITs must not keep the next primary from binding
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(sockaddr)
                 sock.listen(backlog)
