@@ -368,6 +368,45 @@ static uint32_t weight_of(const fc_steer *s, int slot, int32_t queued, int32_t l
     return sq >= FC_STEER_CBPF_SCALE ? 1 : (uint32_t)(FC_STEER_CBPF_SCALE / sq);
 }
 
+/* eBPF: the program adds to `chosen` at every SYN it steers, but not every
+ * SYN it counts becomes a connection its worker accepts, so chosen - done
+ * drifts upward, by different amounts per slot (measured: +30 to +90 per
+ * slot over ~125k connections), and once the drifts differ by more than the
+ * real loads do, "fewest open" follows the drift. Each tick sets every live
+ * slot's open count back to what it is: its accept queue (TCP_INFO) plus
+ * what its worker accepted and has not finished. An atomic add of the
+ * difference, so the program's and the worker's concurrent adds are kept;
+ * a connection moving from the queue to the worker between the reads is off
+ * by one until the next tick. Only for a steer that is the pages' one user
+ * (one address): with several, each sees only its own queues. */
+static int ebpf_correct(fc_steer *s)
+{
+    int corrected = 0;
+    s->stats.ticks++;
+    for (int k = 0; k < s->norder; k++) {
+        int slot = s->order[k];
+        fc_steer_page *p = page_of(s, slot);
+        int32_t queued, limit;
+        uint64_t chosen, accepted, done, open_now, counted;
+        if (fc_steer_page_load(&p->bias) >= FC_STEER_BIAS_OUT)
+            continue; /* draining or dead: its figures are the primary's to set */
+        if (queue_depth(s->sock[slot], &queued, &limit) < 0) {
+            s->stats.errors++;
+            continue;
+        }
+        done = fc_steer_page_load(&p->done);
+        accepted = fc_steer_page_load(&p->accepted);
+        chosen = fc_steer_page_load(&p->chosen);
+        open_now = (uint64_t)(queued > 0 ? queued : 0) + (accepted > done ? accepted - done : 0);
+        counted = chosen - done; /* modulo 2^64, as the program reads it */
+        if (counted != open_now) {
+            fc_steer_page_add(&p->chosen, open_now - counted); /* wraps: may subtract */
+            corrected++;
+        }
+    }
+    return corrected;
+}
+
 int fc_steer_tick(fc_steer *s)
 {
     uint32_t *w;
@@ -375,6 +414,8 @@ int fc_steer_tick(fc_steer *s)
     uint64_t total = 0;
     int changed, r = 0;
 
+    if (s->mode == FC_STEER_EBPF && s->norder > 0)
+        return ebpf_correct(s);
     if (s->mode != FC_STEER_CBPF || s->norder == 0)
         return 0;
     s->call = "fc_steer_tick";

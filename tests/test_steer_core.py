@@ -236,6 +236,31 @@ def test_reconcile_makes_open_what_is_queued(stack: ExitStack) -> None:
 
 
 @needs_bpf
+def test_ebpf_tick_puts_a_drifted_open_count_back(stack: ExitStack) -> None:
+    # the program counts every SYN it steers; when more are counted than the
+    # worker accepts, chosen - done drifts up and "fewest open" follows the
+    # drift. tick() sets open back to queue + accepted - done
+    steer, g = make(stack, 2, EBPF)
+    steer.set_bias(1, _core.STEER_BIAS_OUT)
+    g.connect(3)
+    assert queues(steer, 3) == [3, 0]
+    sock0 = g.socks[0]
+    assert sock0 is not None
+    for _ in range(3):  # taken and finished without being counted: a drift of 3
+        sock0.accept()[0].close()
+    steer.set_bias(1, 0)
+    info = steer.info(0)
+    assert info["chosen"] - info["done"] == 3  # the program still sees 3 open
+    assert steer.tick() == 1  # one slot corrected
+    info = steer.info(0)
+    assert info["chosen"] - info["done"] == 0
+    assert steer.tick() == 0  # nothing to correct now
+    g.connect(4)  # both at 0 open: two each (with the drift, all four went to slot 1)
+    assert queues(steer, 4) == [2, 2]
+    assert steer.tick() == 0  # a queued load is a true one: left as it is
+
+
+@needs_bpf
 def test_worker_page_is_its_own_and_outlives_the_fd(stack: ExitStack) -> None:
     steer = _core.Steer(3, EBPF)
     stack.callback(steer.close)

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastcluster")
 
 STEER_PERIOD_US = 2000  # classic BPF: weights recomputed this often (in C)
+EBPF_CORRECT_US = 10000  # eBPF: open counts set back to queue + accepted - done this often
 _ORDER = {"auto": (STEER_EBPF, STEER_CBPF), "ebpf": (STEER_EBPF,), "cbpf": (STEER_CBPF,),
           "plain": (STEER_PLAIN,)}
 
@@ -82,6 +83,10 @@ class Steering:
 
     def add_address(self, family: int, sockaddr: Any, want: str) -> int:
         """A new steer address (already held by the registry): its id."""
+        if len(self._steers) == 1:  # a second address: see _make
+            only = next(iter(self._steers.values()))
+            if only.mode == STEER_EBPF:
+                only.stop_timer()
         steer = self._make(want)
         aid = self._next_id
         self._next_id += 1
@@ -100,6 +105,16 @@ class Steering:
     def _make(self, want: str) -> Steer:
         first = self._pages(want)
         steer = Steer(self._nslots, first.mode, share=first)
+        if steer.mode == STEER_EBPF and not self._steers:
+            # the eBPF program's counts drift (csrc/steer.c, ebpf_correct): the
+            # only address's steer puts them right every EBPF_CORRECT_US, in C.
+            # With several addresses sharing the pages, each would see only
+            # its own queues, so the correction is off (the drift stays)
+            try:
+                steer.start_timer(self._dispatcher(), EBPF_CORRECT_US)
+            except OSError as e:
+                log.warning("steer: no correction timer (%s): the program's open counts "
+                            "may drift", e)
         if steer.mode == STEER_CBPF:
             try:
                 steer.start_timer(self._dispatcher(), STEER_PERIOD_US)
