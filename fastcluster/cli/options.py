@@ -120,10 +120,13 @@ OPTIONS: tuple[Option, ...] = (
            "address to serve: HOST:PORT, [IPv6]:PORT, :PORT or unix:PATH; repeatable, "
            "each is served (default: 127.0.0.1:8000 unless --host/--port/--uds/--fd)",
            "ADDR", aliases=("-b",), multiple=True),
-    Option("policy", _choice(*POLICIES), "rr",
-           "how connections reach workers: rr (primary accepts, round robin), least "
-           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker), "
-           "steer (one socket per worker, the kernel picks the least loaded)",
+    # steer, not the API's rr (Node's): no hop through the primary and balanced
+    # by load (bench/results/2026-12-01-final.md); a Unix or inherited socket
+    # is served under least, and without bpf() it takes classic BPF weights
+    Option("policy", _choice(*POLICIES), "steer",
+           "how connections reach workers: steer (default: one socket per worker, the "
+           "kernel picks the least loaded), rr (primary accepts, round robin), least "
+           "(fewest open), shared (kernel, one socket), reuseport (one socket per worker)",
            "|".join(POLICIES)),
     Option("interface", _choice("auto", "asgi", "wsgi"), "auto",
            "the app's interface (auto: an async callable is ASGI, else WSGI)",

@@ -304,6 +304,7 @@ def _serve(settings: dict[str, Any], interface: str, app: Any, http: Any, tls: A
                               respawn_delay=settings["respawn_delay"],
                               respawn_delay_max=settings["respawn_delay_max"],
                               respawn_stable=settings["respawn_stable"],
+                              respawn_burst=settings["respawn_burst"],
                               graceful_timeout=settings["graceful_timeout"],
                               backlog=settings["backlog"], health=settings["health"] or None,
                               drain_delay=settings["drain_delay"],
