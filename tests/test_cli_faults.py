@@ -268,3 +268,20 @@ def test_default_status_path_is_private_and_another_users_file_cannot_stop_it(
         _, err = proc.communicate(timeout=15)
         shutil.rmtree(fake_tmp, ignore_errors=True)
     assert proc.returncode == 0, err
+
+
+def test_steer_mode_and_fault_settings_from_flags(fastcluster_server: Any) -> None:
+    server = fastcluster_server("cli_apps:asgi_app", workers=2, policy="steer",
+                                args=("--steer-mode", "cbpf", "--stall-ms", "0",
+                                      "--orphan-timeout", "0", "--health-grace", "5"))
+    from test_cli import get
+
+    assert get(server)[0] == 200
+    assert "steer: classic BPF weights" in server.log(), server.log()  # forced, not eBPF
+    assert server.stop() == 0
+    for flag, value, allowed in (("--steer-mode", "bpf", "one of auto, ebpf, cbpf, plain"),
+                                 ("--stall-ms", "-1", "0"),
+                                 ("--health-grace", "0", "seconds > 0")):
+        bad = cli("run", "cli_apps:asgi_app", flag, value)
+        assert bad.returncode == 1, bad.stderr
+        assert flag in bad.stderr and value in bad.stderr and allowed in bad.stderr, bad.stderr

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..wire.settings import RELOAD_SIGNALS, reload_signal_name
+from ..wire.settings import RELOAD_SIGNALS, STEER_MODES, reload_signal_name
 from . import flags as flag_groups
 from .parse import ENV_PREFIX, Option, OptionError, show
 from .parse import boolean as _bool
@@ -217,6 +217,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("respawn_burst", _int_range(0, 1 << 20), 10,
            "ready workers replaced at once within --respawn-stable; more deaths than this "
            "(something kills them as they serve) go through the backoff (0: every one)", "N"),
+    Option("steer_mode", _choice(*STEER_MODES), "auto",
+           "--policy steer's program: auto (eBPF, else classic BPF weights), or forced",
+           "|".join(STEER_MODES)),
+    Option("stall_ms", _int_range(0, 60000), 50,
+           "rr/least skip a worker that sits this many ms on connections it was handed "
+           "(stopped, hung); 0: never", "MS"),
+    Option("orphan_timeout", _delay, 30.0,
+           "seconds a dead worker's queued connection waits for another before it is "
+           "reset; 0: no expiry", "S"),
+    Option("health_grace", _seconds, 60.0,
+           "/healthz fails once no worker has been alive this many seconds", "S"),
     Option("access_log", _bool, False, "log one line per request (--access-log-format)",
            "BOOL"),
     Option("log_level", _choice(*flag_groups.LOG_LEVELS), "info",
