@@ -474,17 +474,27 @@ def test_status_under_steer_shows_the_kernels_choice_per_worker(fastcluster_serv
     if _ebpf_refusal():
         pytest.skip(f"the figures are the eBPF program's: {_ebpf_refusal()}")
     server = fastcluster_server("cli_apps:asgi_app", workers=2, policy="steer")
-    before = server.status()
+
+    def settled() -> dict[str, Any]:
+        # done is counted when asyncio's connection_lost ran, and the primary
+        # sets the program's counts back to queue + open every 10 ms: wait
+        # until nothing is open and two reads 50 ms apart agree
+        deadline = time.monotonic() + 5
+        last = server.status()
+        while True:
+            time.sleep(0.05)
+            now = server.status()
+            stable = totals(now, "dispatched") == totals(last, "dispatched")
+            if (stable and totals(now, "open") == 0) or time.monotonic() > deadline:
+                return now
+            last = now
+
+    before = settled()
     if any(w["queued"] is None for w in before["workers"]):
         pytest.fail(f"no steer figures in the status: {before['workers']}")
     for _ in range(10):
         assert get(server)[0] == 200
-    deadline = time.monotonic() + 5
-    while True:  # done is counted when asyncio's connection_lost ran
-        after = server.status()
-        if totals(after, "open") == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    after = settled()
     assert after["primary"]["policy"] == "steer"
     assert totals(after, "dispatched") == totals(before, "dispatched") + 10  # chosen by eBPF
     assert totals(after, "open") == 0 and totals(after, "queued") == 0
