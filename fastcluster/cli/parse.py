@@ -58,24 +58,24 @@ def int_range(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def seconds(text: str) -> float:
+def _seconds(text: str, zero_ok: bool) -> float:
+    bound = ">= 0" if zero_ok else "> 0"
     try:
         value = float(text)
     except ValueError:
-        raise ValueError("a number of seconds > 0") from None
-    if not 0 < value < float("inf"):
-        raise ValueError("a finite number of seconds > 0")
+        raise ValueError(f"a number of seconds {bound}") from None
+    low_ok = value >= 0 if zero_ok else value > 0  # False for nan
+    if not (low_ok and value < float("inf")):
+        raise ValueError(f"a finite number of seconds {bound}")
     return value
+
+
+def seconds(text: str) -> float:
+    return _seconds(text, zero_ok=False)
 
 
 def delay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("a number of seconds >= 0") from None
-    if not 0 <= value < float("inf"):
-        raise ValueError("a finite number of seconds >= 0")
-    return value
+    return _seconds(text, zero_ok=True)
 
 
 def choice(*choices: str) -> Callable[[str], str]:
