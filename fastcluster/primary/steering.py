@@ -53,6 +53,7 @@ from .._core import (
     Steer,
     SteerPage,
 )
+from ..wire.listener import reuseport_socket
 
 if TYPE_CHECKING:
     from ..wire.settings import Settings
@@ -163,14 +164,8 @@ class Steering:
         sock = socks.get(slot)
         if sock is None:
             family, sockaddr = self._where[aid]
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = reuseport_socket(family, sockaddr, backlog)
             try:
-                # SO_REUSEADDR too: the connections accepted here inherit it, and
-                # their TIME_WAITs must not keep the next primary from binding
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(sockaddr)
-                sock.listen(backlog)
                 self._steers[aid].add_socket(slot, sock.fileno())  # right after listen()
             except BaseException:
                 sock.close()

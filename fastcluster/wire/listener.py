@@ -279,3 +279,19 @@ class SocketListener(Listener):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def reuseport_socket(family: int, address: Any, backlog: int) -> socket.socket:
+    """A listening SO_REUSEPORT socket: a worker's own under `reuseport`, a
+    slot's under `steer`. SO_REUSEADDR too: the connections it accepts
+    inherit it, so their TIME_WAITs never keep a later primary from binding."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

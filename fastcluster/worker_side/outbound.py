@@ -23,7 +23,7 @@ from ..wire import address as _address
 from ..wire.channel import ControlSocket
 from ..wire.frames import Frame, encode, encode_message
 from ..wire.handle import Worker
-from ..wire.listener import Listener, SocketListener
+from ..wire.listener import Listener, SocketListener, reuseport_socket
 from .intake import Intake
 from .listener import IntakeListener
 
@@ -256,7 +256,7 @@ class Outbound:
         else:
             for fd in fds:
                 os.close(fd)
-            listener = SocketListener(_reuseport_socket(family, address,
+            listener = SocketListener(reuseport_socket(family, address,
                                                         int(reply.get("backlog") or 511)), self)
         listener._on_close = self._forget_listener
         self._listeners.add(listener)
@@ -331,15 +331,3 @@ class Outbound:
     def worker_is_dead(self, worker: Worker) -> bool:
         return False
 
-
-def _reuseport_socket(family: int, address: Any, backlog: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
