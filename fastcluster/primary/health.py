@@ -52,6 +52,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..wire.address import parse_address
+from .acceptpause import OUT_OF_FDS, AcceptPause
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +67,6 @@ MAX_REQUEST = 2048  # bytes of request line and headers read before 431
 MAX_CONNS = 32  # open health connections; the oldest is dropped for a new one
 CONN_TIMEOUT = 2.0  # seconds a health client gets to send its request
 ACCEPT_BATCH = 16  # accepts per wake-up
-EMFILE_PAUSE = 1.0  # seconds the endpoint stops accepting when out of fds
 BACKLOG = 64
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -257,7 +257,6 @@ class _Server:
         self.setting = address  # the `health` value it was bound for
         self._answer = answer
         self._conns: dict[int, _Conn] = {}  # by fd, oldest first
-        self._paused: Timer | None = None
         host, port = parse_address(address)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -275,6 +274,7 @@ class _Server:
             sock.close()
             raise OSError(e.errno, f"health endpoint {address!r}: {e.strerror}") from None
         self._sock = sock
+        self._pauser = AcceptPause(primary, sock.fileno(), self._on_accept, "health endpoint")
         name = sock.getsockname()
         self.address = (f"[{name[0]}]:{name[1]}" if family == socket.AF_INET6
                         else f"{name[0]}:{name[1]}")
@@ -288,8 +288,8 @@ class _Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause(e)  # level-triggered: retrying now would spin
+                if e.errno in OUT_OF_FDS:
+                    self._pauser.pause(e)  # level-triggered: retrying now would spin
                 return  # ECONNABORTED and the like: the next wake-up tries again
             conn.setblocking(False)
             if len(self._conns) >= MAX_CONNS:
@@ -298,21 +298,6 @@ class _Server:
             self._conns[conn.fileno()] = c
             c.timer = self._p._timers.call_later(CONN_TIMEOUT, functools.partial(self._drop, c))
             self._p.add_reader(conn.fileno(), functools.partial(self._on_readable, c))
-
-    def _pause(self, err: OSError) -> None:
-        if self._paused is not None:
-            return
-        log.warning("fastcluster: health endpoint cannot accept (%s); pausing %.1f s",
-                    err.strerror, EMFILE_PAUSE)
-        fd = self._sock.fileno()
-        self._p.remove_reader(fd)
-
-        def resume() -> None:
-            self._paused = None
-            if self._sock.fileno() >= 0:
-                self._p.add_reader(fd, self._on_accept)
-
-        self._paused = self._p._timers.call_later(EMFILE_PAUSE, resume)
 
     def _on_readable(self, c: _Conn) -> None:
         try:
@@ -368,9 +353,7 @@ class _Server:
     def close(self) -> None:
         for c in list(self._conns.values()):
             self._drop(c)
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
+        self._pauser.cancel()
         if self._sock.fileno() >= 0:
             self._p.remove_reader(self._sock.fileno())
             self._sock.close()

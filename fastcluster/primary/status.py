@@ -18,9 +18,8 @@ sent each worker; a snapshot reads them when a client asks.
                  CLIENT_TIMEOUT seconds (a timer, so idle clients expire
                  even when nothing new is accepted).
 
-Out of fds (EMFILE) either server leaves the epoll set for EMFILE_PAUSE
-seconds, as the health endpoint does: its listener stays readable, and a
-level-triggered retry would spin.
+Out of fds (EMFILE) either server leaves the epoll set for a second, as
+the health endpoint does (primary/acceptpause.py).
 
 Per-worker `restarts`: a worker forked to replace another inherits that
 worker's count plus one: a rolling step (SIGHUP, recycling) names the
@@ -52,6 +51,7 @@ if TYPE_CHECKING:
     from .health import Health
 
 from . import health as _health
+from .acceptpause import OUT_OF_FDS, AcceptPause
 from .prometheus import prometheus_text
 from .timers import Timer, Timers
 
@@ -61,7 +61,6 @@ RECV_MAX = 8192  # bytes of an HTTP request we read before answering
 MAX_CLIENTS = 32  # metrics clients waiting for their request to arrive
 CLIENT_TIMEOUT = 5.0  # seconds a metrics client gets to send its request
 SNDBUF = 1 << 20  # a status answer is written at once: room for 256 workers
-EMFILE_PAUSE = 1.0  # seconds a server stops accepting when out of fds
 
 _open_servers: weakref.WeakSet[_Server] = weakref.WeakSet()
 
@@ -200,7 +199,8 @@ class _Server:
         self.sock = sock
         self.snapshot = snapshot
         self.closed = False
-        self._paused: Timer | None = None
+        self._pauser = AcceptPause(snapshot.primary, sock.fileno(), self._on_ready,
+                                   type(self).__name__)
         _open_servers.add(self)
         snapshot.primary.add_reader(sock.fileno(), self._on_ready)
 
@@ -211,29 +211,13 @@ class _Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and the like: not the primary's death
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause(e)  # level-triggered: retrying now would spin
+                if e.errno in OUT_OF_FDS:
+                    self._pauser.pause(e)  # level-triggered: retrying now would spin
                     return
                 if e.errno == errno.ECONNABORTED:
                     continue
                 raise
             self.on_client(conn)
-
-    def _pause(self, err: OSError) -> None:
-        if self._paused is not None or self.closed:
-            return
-        log.warning("fastcluster: %s cannot accept (%s); pausing %.1f s",
-                    type(self).__name__, err.strerror, EMFILE_PAUSE)
-        primary = self.snapshot.primary
-        fd = self.sock.fileno()
-        primary.remove_reader(fd)
-
-        def resume() -> None:
-            self._paused = None
-            if not self.closed:
-                primary.add_reader(fd, self._on_ready)
-
-        self._paused = primary._timers.call_later(EMFILE_PAUSE, resume)
 
     def on_client(self, conn: socket.socket) -> None:
         raise NotImplementedError
@@ -243,9 +227,7 @@ class _Server:
             return
         self.closed = True
         _open_servers.discard(self)
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
+        self._pauser.cancel()
         if unlink:
             with contextlib.suppress(Exception):
                 self.snapshot.primary.remove_reader(self.sock.fileno())
