@@ -162,3 +162,53 @@ def test_a_fabricated_listening_frame_cannot_fail_a_rolling_restart(
     assert "listening 1 ['10.9.9.9', 1]" not in out
     assert "did not give it" in "\n".join(out)
     assert code == 0
+
+
+GONE_CHANNEL = HTTP_SERVER + """
+import threading, time
+from fastcluster import _role
+
+if cluster.is_primary:
+    cluster.setup_primary(respawn=False)
+    cluster.on("message", lambda w, m: print(m, w.id, flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.id, code, sig, flush=True))
+    cluster.fork()
+    cluster.fork()
+    cluster.run()
+    print("primary done", flush=True)
+else:
+    if cluster.worker.id == 1:
+        # What a worker at its fd limit does (its data channel handed back),
+        # then frames that name that channel: the primary's dispatcher has no
+        # such worker any more (ESRCH), and must answer, not fail
+        def gone_then_frames():
+            time.sleep(0.3)
+            _role.runtime.intake.hand_back()
+            time.sleep(0.3)
+            _role.runtime._send({"t": "intake", "window": 2})
+            _role.runtime._send({"t": "listen", "req": 77, "backlog": 16,
+                                 "address": ["127.0.0.1", int(os.environ["PORT2"])]})
+            _role.runtime._send({"t": "unlisten", "lid": 0})
+            time.sleep(0.3)
+            cluster.worker.send("sent")
+        threading.Thread(target=gone_then_frames, daemon=True).start()
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_frames_naming_a_handed_back_channel_leave_the_primary_up(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    """CI found this: a worker at its fd limit handed its data channel back,
+    and its next "intake" frame made the dispatcher raise ESRCH out of the
+    primary's loop (the primary exited, the cluster was down)."""
+    port, port2 = free_port(), free_port()
+    with running(script(tmp_path, GONE_CHANNEL), dict(env, PORT=str(port),
+                                                      PORT2=str(port2))) as r:
+        r.wait_for("sent 1", timeout=10)
+        served = [request(port) for _ in range(10)]
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    assert all(ok for ok, _by in served), (served, out)
+    assert "primary done" in out, out
+    assert code == 0, out
+    assert not any("Traceback" in ln for ln in out), out

@@ -55,9 +55,14 @@ if cluster.is_primary:
         settings.update(health=os.environ["HEALTH"], health_grace=0.5, orphan_timeout=0.5,
                         respawn_burst=0)
     cluster.setup_primary(**settings)
-    cluster.on("message", lambda w, m: print(m, w.id, w.pid, time.monotonic(), flush=True))
-    cluster.on("exit", lambda w, code, sig: print("exit", w.id, w.pid, code, sig,
-                                                  time.monotonic(), flush=True))
+    def mark(*parts):
+        # the hung workers' stacks (SIGABRT, on the stderr we share) come in
+        # many small writes: a marker is one write that begins its own line
+        sys.stdout.write("\n" + " ".join(map(str, parts)) + "\n")
+        sys.stdout.flush()
+    cluster.on("message", lambda w, m: mark(m, w.id, w.pid, time.monotonic()))
+    cluster.on("exit", lambda w, code, sig: mark("exit", w.id, w.pid, code, sig,
+                                                 time.monotonic()))
     for _ in range(int(os.environ["WORKERS"])):
         cluster.fork()
     print("nofile", *resource.getrlimit(resource.RLIMIT_NOFILE), flush=True)

@@ -109,6 +109,12 @@ class Channels:
             except ProtocolError as e:
                 if not self._bad_frame(proc, str(e), fatal=e.fatal):
                     return
+            except Exception as e:  # a fault of ours a worker's frame reached
+                log.exception("fastcluster: handling a frame of worker %d raised",
+                              proc.worker.id)
+                if not self._bad_frame(proc, f"a frame the primary failed on: {e!r}",
+                                       fatal=False):
+                    return
 
     def _bad_frame(self, proc: Proc, reason: str, fatal: bool) -> bool:
         """Logs a bad frame; True if the channel stays open."""
@@ -165,7 +171,10 @@ class Channels:
                 if not isinstance(window, int) or isinstance(window, bool) or window < 1:
                     raise ValueError(f"window must be an int >= 1, got {window!r}")
                 if self.dispatcher is not None and not proc.dead:
-                    self.dispatcher.set_window(proc.slot, window)
+                    # ESRCH: its data channel is gone (handed back at its fd
+                    # limit) while this frame was on the way; nothing to size
+                    with contextlib.suppress(ProcessLookupError):
+                        self.dispatcher.set_window(proc.slot, window)
             elif t == "leaving":  # at its fd limit: its channel is handed back
                 self._on_leaving(proc, str(frame.get("reason", "")))
             elif t == "disconnecting":

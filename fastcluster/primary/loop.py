@@ -4,8 +4,7 @@ listening sockets, reaps them and shuts the cluster down.
 Theory of operation (gunicorn's arbiter shape): one object, single-threaded.
 run() loops:
 
-    run what was queued to run "soon" (Node's nextTick: the "fork" event,
-    a disconnect callback when there are no workers)
+    run what was queued "soon" (Node's nextTick: the "fork" event, ...)
     -> handle recorded signals (handle_<name>)
     -> reap (waitpid(pid, WNOHANG) for each worker we forked)
     -> run due timers (graceful kill deadlines, respawns)
@@ -15,22 +14,20 @@ run() loops:
        control channel or the signal wakeup pipe is ready (EV_WATCH), a
        worker's data channel hung up (EV_WORKER_GONE), or the timeout.
 
-The supervision policies live beside it, each in its own module, called
-from the loop's events: respawn.py (replace a worker that died, crash-loop
-backoff), rolling.py (SIGHUP and recycling: replacement listening first),
-recycle.py (max_requests, max_rss timer), ready.py (when_ready, sd_notify),
-hooks.py (the hook settings), watchdog.py (hang detection), health.py.
+The supervision policies live beside it, one module each, called from the
+loop's events: respawn.py (crash-loop backoff), rolling.py (SIGHUP and
+recycling: replacement listening first), recycle.py (max_requests, max_rss),
+ready.py (when_ready, sd_notify), hooks.py, watchdog.py (hangs), health.py.
 
-The class keeps the loop, fork and reap; its other parts are mixins
-beside it: primary/channels.py (control channels, the Worker backend),
-primary/signals.py, primary/operations.py (settings, public operations).
-We reap each worker pid rather than waitpid(-1): a primary that also runs
-subprocesses keeps their exit statuses for them.
+The class keeps the loop, fork and reap; mixins beside it do the rest:
+channels.py (control channels), signals.py, operations.py (settings, the
+public operations). We reap each worker pid, not waitpid(-1): a primary
+that also runs subprocesses keeps their exit statuses for them. A fault of
+ours on one event is logged and the loop goes on.
 
-Events, in Node's order: fork, online, listening(w, address),
-message(w, msg), disconnect(w), exit(w, code, signal). "disconnect" always
-comes before "exit": at reap, whatever the worker wrote before dying is
-read first, then its channel closes.
+Events, in Node's order: fork, online, listening(w, address), message(w,
+msg), disconnect(w), exit(w, code, signal). "disconnect" comes before "exit":
+at reap, what the worker wrote before dying is read, then its channel closes.
 """
 
 from __future__ import annotations
@@ -296,19 +293,25 @@ class Primary(Operations, Signals, Channels):
             if not events:
                 self._reap_wanted = True
             for kind, ident, evs in events:
-                if kind == EV_WATCH:
-                    if ident == self.WAKE_TOKEN:
-                        self._drain_wake()
-                    elif ident < 0:
-                        self._on_reader(ident)
-                    else:
-                        proc = self._procs.get(ident)
-                        if proc is not None:
-                            self._on_channel(proc, evs)
-                elif kind == EV_WORKER_GONE:
-                    proc = self._by_slot.get(ident)
-                    if proc is not None and self.registry is not None:
-                        self.registry.drop_worker(proc.slot, in_dispatcher=False)
+                try:
+                    self._on_event(kind, ident, evs)
+                except Exception:  # a fault of ours on one event must not end the loop
+                    log.exception("fastcluster: handling an event raised; the primary goes on")
+
+    def _on_event(self, kind: int, ident: int, evs: int) -> None:
+        if kind == EV_WATCH:
+            if ident == self.WAKE_TOKEN:
+                self._drain_wake()
+            elif ident < 0:
+                self._on_reader(ident)
+            else:
+                proc = self._procs.get(ident)
+                if proc is not None:
+                    self._on_channel(proc, evs)
+        elif kind == EV_WORKER_GONE:
+            proc = self._by_slot.get(ident)
+            if proc is not None and self.registry is not None:
+                self.registry.drop_worker(proc.slot, in_dispatcher=False)
 
     def _run_soon(self) -> None:
         for _ in range(len(self._soon)):

@@ -127,7 +127,12 @@ class Registry:
             if slot in bound.slots:
                 return {"t": "listen_err", "errno": errno.EADDRINUSE,
                         "strerror": "this worker already listens on that address"}, []
-            self._dispatcher().subscribe(slot, bound.lid)
+            try:
+                self._dispatcher().subscribe(slot, bound.lid)
+            except ProcessLookupError:  # its data channel is gone (fd limit)
+                return {"t": "listen_err", "errno": errno.ESRCH,
+                        "strerror": "this worker's connection channel is closed (it "
+                        "handed it back at its fd limit)"}, []
             bound.slots.add(slot)
             reply["lid"] = bound.lid
             return reply, []
@@ -206,7 +211,8 @@ class Registry:
         for bound in self._all:
             if bound.mode == "rr" and bound.lid == lid and slot in bound.slots:
                 bound.slots.discard(slot)
-                self._dispatcher().unsubscribe(slot, lid)
+                with contextlib.suppress(ProcessLookupError):  # its channel is gone
+                    self._dispatcher().unsubscribe(slot, lid)
 
     def drop_worker(self, slot: int, *, in_dispatcher: bool = True, retire: bool = False
                     ) -> None:
