@@ -40,9 +40,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import fastcluster as cluster  # noqa: E402
 
+# Where the time goes, in the order it goes: the primary reaps the killed
+# worker ("exit", stamped with the dead pid) and is about to fork (pre_fork,
+# the primary's pid); in the child: the post_fork hook, the worker's main,
+# its event loop running, create_server returned, its first connection
+KINDS = ("reaped", "pre_fork", "post_fork", "main", "loop", "listening", "accepting")
 
-def stamp(what: str) -> None:
-    os.write(1, f"{what} {os.getpid()} {time.monotonic():.6f}\n".encode())
+
+def stamp(what: str, pid: int | None = None) -> None:
+    os.write(1, f"{what} {pid or os.getpid()} {time.monotonic():.6f}\n".encode())
 
 
 async def serve(port: int) -> None:
@@ -63,7 +69,9 @@ async def serve(port: int) -> None:
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             self.t.close()
 
+    stamp("loop")
     server = await aio.create_server(Answer, ("127.0.0.1", port))
+    stamp("listening")
     async with server:
         await server.serve_forever()
 
@@ -71,7 +79,10 @@ async def serve(port: int) -> None:
 def server_main() -> None:
     port = int(os.environ["PROBE_PORT"])
     if cluster.is_primary:
-        cluster.setup_primary(respawn_stable=0.3, start_method=os.environ["PROBE_METHOD"])
+        cluster.setup_primary(respawn_stable=0.3, start_method=os.environ["PROBE_METHOD"],
+                              pre_fork=lambda _w: stamp("pre_fork"),  # in the primary
+                              post_fork=lambda _w: stamp("post_fork"))  # in the child
+        cluster.on("exit", lambda w, _code, _sig: stamp("reaped", w.pid))
         for _ in range(int(os.environ["PROBE_WORKERS"])):
             cluster.fork()
         cluster.run()
@@ -84,6 +95,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def kernel_baseline(mib: int = 30, runs: int = 7) -> tuple[float, float]:
+    """What the kernel alone costs here, for a process of `mib` MiB touched
+    (about a worker's size): (SIGKILL -> waitpid returns, fork() in the
+    parent), medians in ms, no fastcluster involved."""
+    ballast = bytearray(mib << 20)
+    for i in range(0, len(ballast), 4096):  # resident, as a worker's heap is
+        ballast[i] = 1
+    kills, forks = [], []
+    for _ in range(runs):
+        r, w = os.pipe()
+        t0 = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            for i in range(0, len(ballast), 4096):  # its own copy, as a worker's
+                ballast[i] = 2
+            os.write(w, b"x")
+            time.sleep(60)
+            os._exit(0)
+        forks.append((time.monotonic() - t0) * 1000)
+        os.read(r, 1)
+        os.close(r)
+        os.close(w)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        kills.append((time.monotonic() - t0) * 1000)
+    return statistics.median(kills), statistics.median(forks)
 
 
 def drive(args: argparse.Namespace) -> None:
@@ -99,7 +139,7 @@ def drive(args: argparse.Namespace) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             parts = line.split()
-            if len(parts) == 3 and parts[0] in ("main", "accepting"):
+            if len(parts) == 3 and parts[0] in KINDS:
                 with lock:
                     events.append((parts[0], int(parts[1]), float(parts[2])))
 
@@ -120,6 +160,7 @@ def drive(args: argparse.Namespace) -> None:
 
     clients = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
     mains: list[float] = []
+    steps: list[tuple[float, ...]] = []  # the KINDS' times after the kill, ms
     accepting: list[float] = []
     killed: set[int] = set()
     try:
@@ -145,25 +186,27 @@ def drive(args: argparse.Namespace) -> None:
                 break
             with lock:
                 started = {pid: t for kind, pid, t in events if kind == "main"}
+            primary = {pid for kind, pid, _t in events if kind == "pre_fork"}
             victim = min((p for p in started if p not in killed), key=started.__getitem__)
             killed.add(victim)
             t0 = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            got_main = got_acc = None
-            while time.monotonic() < t0 + 5 and got_acc is None:
+            got: dict[str, float] = {}
+            while time.monotonic() < t0 + 5 and "accepting" not in got:
                 time.sleep(0.001)
                 with lock:
-                    new = [(k, p, t) for k, p, t in events if t > t0 and p not in started]
+                    new = [(k, p, t) for k, p, t in events if t > t0 and
+                           (p == victim if k == "reaped" else
+                            p in primary if k == "pre_fork" else p not in started)]
                 for kind, _pid, t in new:
-                    if kind == "main" and got_main is None:
-                        got_main = t - t0
-                    if kind == "accepting" and got_acc is None:
-                        got_acc = t - t0
-            if got_main is None or got_acc is None:
+                    got.setdefault(kind, (t - t0) * 1000)
+            if "main" not in got or "accepting" not in got:
                 print("no replacement accepted within 5 s", file=sys.stderr)
                 break
-            mains.append(got_main * 1000)
-            accepting.append(got_acc * 1000)
+            mains.append(got["main"])
+            accepting.append(got["accepting"])
+            if all(k in got for k in KINDS):
+                steps.append(tuple(got[k] for k in KINDS))
             time.sleep(args.gap)
     finally:
         stop.set()
@@ -181,7 +224,21 @@ def drive(args: argparse.Namespace) -> None:
         lines.append(f"  {name:24s} median {statistics.median(vals):7.2f} ms   "
                      f"min {min(vals):7.2f}   max {max(vals):7.2f}")
     lines.append(f"  failed client connections: {failed[0]} (those the killed worker held)")
+    if steps:  # the medians of each step's own time, kill to accepting
+        names = ("kill -> reaped (SIGCHLD, waitpid)", "reaped -> pre_fork (respawn)",
+                 "pre_fork -> post_fork (fork)", "post_fork -> main (worker boot)",
+                 "main -> event loop (asyncio.run)", "loop -> create_server returned",
+                 "create_server -> 1st connection")
+        lines.append(f"  where the time goes ({len(steps)} kills, median of each step):")
+        prev = [0.0] * len(steps)
+        for i, name in enumerate(names):
+            step = statistics.median(s[i] - p for s, p in zip(steps, prev, strict=True))
+            lines.append(f"    {name:34s} {step:7.2f} ms")
+            prev = [s[i] for s in steps]
     print("\n".join(lines))
+    kill_ms, fork_ms = kernel_baseline()
+    lines.append(f"  this machine's kernel, a 30 MiB process, no fastcluster: SIGKILL -> "
+                 f"reaped {kill_ms:.2f} ms, fork() {fork_ms:.2f} ms (medians of 7)")
     if args.out:
         write_report(args.out, lines)
 
