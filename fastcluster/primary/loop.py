@@ -340,17 +340,20 @@ class Primary(Operations, Signals, Channels):
 
     def _reap(self) -> None:
         for pid, proc in list(self._by_pid.items()):
-            try:
+            code: int | None = None
+            signame: str | None = None
+            with contextlib.suppress(ChildProcessError):  # reaped elsewhere: status unknown
                 wpid, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by someone else: status unknown
-                self._on_exit(proc, None, None)
-                continue
-            if wpid == 0:
-                continue
-            if os.WIFSIGNALED(status):
-                self._on_exit(proc, None, signal_name(os.WTERMSIG(status)))
-            else:
-                self._on_exit(proc, os.waitstatus_to_exitcode(status), None)
+                if wpid == 0:
+                    continue
+                if os.WIFSIGNALED(status):
+                    signame = signal_name(os.WTERMSIG(status))
+                else:
+                    code = os.waitstatus_to_exitcode(status)
+            try:
+                self._on_exit(proc, code, signame)
+            except Exception:  # a fault of ours: the loop and the other exits go on
+                log.exception("fastcluster: handling worker %d's exit raised", proc.worker.id)
 
     def _on_exit(self, proc: Proc, code: int | None, signame: str | None) -> None:
         w = proc.worker
@@ -392,9 +395,5 @@ class Primary(Operations, Signals, Channels):
 
     def _all_gone(self) -> None:
         self.health.no_worker()  # /healthz fails if none is back within health_grace
-        cbs, self._disconnect_cbs = self._disconnect_cbs, []
-        for cb in cbs:
-            try:
-                cb()
-            except Exception:
-                log.exception("fastcluster: a disconnect callback raised")
+        self._soon.extend(self._disconnect_cbs)  # disconnect(callback)s, next (logged if raising)
+        self._disconnect_cbs = []

@@ -1,0 +1,60 @@
+"""A fault of ours in the primary's handling of one event is logged with
+its traceback and the loop goes on (issue 17: the primary never dies
+because of a worker). CI found the case that motivated it: a frame that
+reached a dispatcher call for a worker the dispatcher no longer had
+(test_faults_frames.py). Here the fault is injected where no real one is
+known: a worker's exit whose handling raises once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from _faults import HTTP_SERVER, request
+from _helpers import env, free_port, running, script  # noqa: F401
+
+FAULTY_EXIT = HTTP_SERVER + """
+from fastcluster import _role
+
+if cluster.is_primary:
+    cluster.setup_primary(respawn=False)
+    cluster.on("message", lambda w, m: print(m, w.id, w.pid, flush=True))
+    cluster.on("exit", lambda w, code, sig: print("exit", w.id, code, sig, flush=True))
+    recycler = _role.primary()._recycler
+    plain = recycler.on_exit
+    faults = [1]
+
+    def on_exit(proc):  # the first exit's handling fails half-way
+        if faults:
+            faults.pop()
+            raise RuntimeError("injected fault")
+        plain(proc)
+    recycler.on_exit = on_exit
+    for _ in range(3):
+        cluster.fork()
+    cluster.run()
+    print("primary done", flush=True)
+else:
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_a_fault_while_handling_an_exit_leaves_the_loop_running(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, FAULTY_EXIT), dict(env, PORT=str(port))) as r:
+        pids = {ln.split()[1]: int(ln.split()[2]) for ln in r.wait_for("serving", 3, timeout=15)}
+        os.kill(pids["1"], signal.SIGKILL)  # its exit's handling raises
+        r.wait_for("exit 1 ", timeout=5)
+        os.kill(pids["2"], signal.SIGKILL)  # and the next exit is as usual
+        r.wait_for("exit 2 ", timeout=5)
+        served = [request(port) for _ in range(5)]
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    text = "\n".join(out)
+    assert all(ok for ok, _by in served), (served, text)
+    assert "handling worker 1's exit raised" in text and "injected fault" in text, text
+    assert "exit 3 0 None" in text, text  # the last one disconnected and exited at SIGTERM
+    assert "primary done" in text and code == 0, text
