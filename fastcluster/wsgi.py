@@ -90,6 +90,10 @@ class _Guard:
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
         environ["wsgi.errors"] = sys.stderr  # (a2wsgi: stdout)
+        # a2wsgi's body ends where the request's does (chunked too): say so,
+        # as gunicorn does, or werkzeug (Flask) reads a body without
+        # Content-Length as empty
+        environ["wsgi.input_terminated"] = True
         body = environ.get("wsgi.input")
         if type(body) is self.body_class:  # same layout: only its reads change
             body.__class__ = self.timed_body_class

@@ -92,6 +92,7 @@ def wsgi_probe(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         "script_name": environ["SCRIPT_NAME"], "path_info": environ["PATH_INFO"],
         "scheme": environ["wsgi.url_scheme"], "remote_addr": environ.get("REMOTE_ADDR"),
         "protocol": environ["SERVER_PROTOCOL"], "body": body.decode("latin1"),
+        "input_terminated": environ.get("wsgi.input_terminated", False),
         "secret_seen": (bool(secret) and any(secret in str(v) for v in environ.values()))
         or "CLI_TEST_SECRET" in environ,
     }).encode()
