@@ -223,3 +223,41 @@ def test_headers_from_the_environment_one_per_line_and_from_the_config_file(
     assert headers["x-one"] == "1" and headers["x-two"] == "a, b"  # one per line
     assert "x-from" not in headers  # the environment beats the file
     assert server.stop() == 0
+
+
+def test_gunicorn_spellings_are_the_same_settings(fastcluster_server: Any,
+                                                  tmp_path: Path) -> None:
+    """--keep-alive, -p and --log-file mean here what they mean to gunicorn."""
+    pid_file, log_file = tmp_path / "fc.pid", tmp_path / "server.log"
+    server = fastcluster_server("cli_apps:asgi_app", workers=1,
+                                args=("--keep-alive", "1", "-p", str(pid_file),
+                                      "--log-file", str(log_file), "--log-level", "info"))
+    assert pid_file.read_text().strip() == str(server.pid)
+    with socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        t0 = time.monotonic()
+        s.settimeout(5)
+        while s.recv(65536):  # the idle connection is closed after the keep-alive 1 s
+            pass
+        idle = time.monotonic() - t0
+    assert 0.5 < idle < 3, idle  # (the default would be 5 s)
+    assert server.stop() == 0
+    assert "listening on" in log_file.read_text()
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (("-k", "uvicorn.workers.UvicornWorker"), "drop the flag"),
+    (("--worker-class=gthread",), "drop the flag"),
+    (("--daemon",), "systemd"),
+    (("--chdir", "/tmp"), "--app-dir DIR"),
+    (("--worker-connections", "100"), "--limit-concurrency N"),
+    (("--statsd-host", "localhost:8125"), "--metrics ADDR"),
+])
+def test_a_gunicorn_or_uvicorn_flag_we_do_not_take_says_why(args: tuple[str, ...],
+                                                             reason: str) -> None:
+    proc = cli("run", "cli_apps:asgi_app", "--bind", "127.0.0.1:0", *args)
+    flag = args[0].split("=")[0]
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {flag} is not a flag of fastcluster run: " in proc.stderr, proc.stderr
+    assert reason in proc.stderr and "forked" not in proc.stderr, proc.stderr

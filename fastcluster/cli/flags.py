@@ -60,12 +60,14 @@ LOGGING: tuple[Option, ...] = (
            "the access log line, with gunicorn's atoms: %%(h)s client, %%(r)s request "
            "line, %%(s)s status, %%(b)s body bytes, %%(f)s referer, %%(a)s user agent, "
            "%%(D)s microseconds, %%(M)s ms, %%(L)s seconds, %%({name}i)s a request header, "
-           "%%({name}o)s a response header...; turns --access-log on", "FORMAT"),
+           "%%({name}o)s a response header...; turns --access-log on", "FORMAT",
+           aliases=("--access-logformat",)),
     Option("access_logfile", nonempty("file"), "",
            "write the access log to FILE ('-': standard output); turns --access-log on",
            "FILE"),
     Option("error_logfile", nonempty("file"), "-",
-           "write the server's log to FILE ('-': standard error)", "FILE"),
+           "write the server's log to FILE ('-': standard error)", "FILE",
+           aliases=("--log-file",)),
 )
 
 LIMITS: tuple[Option, ...] = (
@@ -100,12 +102,13 @@ TLS: tuple[Option, ...] = (
     Option("ssl_keyfile_password", _text, "", "the password of an encrypted "
            "--ssl-keyfile", "PASSWORD"),
     Option("ssl_ca_certs", nonempty("file"), "", "CA certificates (PEM) to verify "
-           "client certificates with (see --ssl-cert-reqs)", "FILE"),
+           "client certificates with (see --ssl-cert-reqs)", "FILE", aliases=("--ca-certs",)),
     Option("ssl_cert_reqs", choice("0", "1", "2", "none", "optional", "required"), "0",
            "client certificates: 0/none (not asked), 1/optional, 2/required "
-           "(uvicorn's, as ssl.CERT_*)", "0|1|2"),
+           "(uvicorn's, as ssl.CERT_*)", "0|1|2", aliases=("--cert-reqs",)),
     Option("ssl_ciphers", nonempty("cipher list"), "TLSv1",
-           "the OpenSSL cipher list (uvicorn's default TLSv1)", "CIPHERS"),
+           "the OpenSSL cipher list (uvicorn's default TLSv1)", "CIPHERS",
+           aliases=("--ciphers",)),
 )
 
 FILES: tuple[Option, ...] = (
@@ -113,7 +116,8 @@ FILES: tuple[Option, ...] = (
            "read environment variables from this .env file (python-dotenv) before the "
            "app is checked; the workers inherit them", "FILE"),
     Option("pid", nonempty("file"), "",
-           "write the primary's pid to FILE (removed when it stops)", "FILE"),
+           "write the primary's pid to FILE (removed when it stops)", "FILE",
+           aliases=("-p",)),
 )
 
 MORE: tuple[Option, ...] = BINDING + RELOAD + LOGGING + LIMITS + HEADERS + TLS + FILES

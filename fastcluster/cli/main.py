@@ -15,6 +15,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
+from . import foreign as _cli_foreign
 from . import options as _cli_options
 from . import status as _cli_status
 
@@ -77,6 +78,11 @@ def parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     top, run_parser = parsers()
+    given = list(sys.argv[1:] if argv is None else argv)
+    refusal = _cli_foreign.refusal(given[1:]) if given[:1] == ["run"] else None
+    if refusal is not None:  # a gunicorn/uvicorn flag from habit: why, and what instead
+        print(f"fastcluster run: error: {refusal}", file=sys.stderr)
+        return 2
     args = top.parse_args(argv)
     if args.command == "status":
         return _cli_status.main(args.socket, args.json, args.watch, args.interval,

@@ -166,15 +166,17 @@ OPTIONS: tuple[Option, ...] = (
            "ASGI: offer WebSocket per-message compression", "BOOL",
            interface="asgi", why=_WS_ONLY),
     Option("timeout_keep_alive", _int_range(1, 3600), 5,
-           "seconds an idle keep-alive connection stays open", "S"),
+           "seconds an idle keep-alive connection stays open", "S",
+           aliases=("--keep-alive",)),
     Option("root_path", _text, "", "the root_path in each request's scope, SCRIPT_NAME for "
            "WSGI (the app is mounted below this URL prefix by a proxy)", "PATH"),
     Option("forwarded_allow_ips", _text, "",
            "comma-separated IPs (or *) whose X-Forwarded-For/-Proto are trusted "
            "(default, as uvicorn: $FORWARDED_ALLOW_IPS, else 127.0.0.1)", "IPS"),
-    Option("ssl_certfile", _text, "", "serve TLS with this certificate (PEM)", "FILE"),
+    Option("ssl_certfile", _text, "", "serve TLS with this certificate (PEM)", "FILE",
+           aliases=("--certfile",)),
     Option("ssl_keyfile", _text, "", "the certificate's private key (PEM; default: "
-           "in the certificate file)", "FILE"),
+           "in the certificate file)", "FILE", aliases=("--keyfile",)),
     Option("threads", _int_range(1, 1024), 8, "WSGI: request threads per worker", "N",
            interface="wsgi", why="an ASGI app runs on the worker's event loop"),
     Option("client_timeout", _seconds, 30.0,
@@ -204,8 +206,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ready_timeout", _seconds, 30.0,
            "seconds a replacement worker gets to listen before it is given up", "S"),
     Option("user", _text, "", "run the workers as this user (name or id; the primary "
-           "binds first)", "USER"),
-    Option("group", _text, "", "run the workers with this group (name or id)", "GROUP"),
+           "binds first)", "USER", aliases=("-u",)),
+    Option("group", _text, "", "run the workers with this group (name or id)", "GROUP",
+           aliases=("-g",)),
     Option("backlog", _int_range(1, 65535), 511, "listen() backlog", "N"),
     Option("respawn", _bool, True, "replace workers that exit unasked", "BOOL"),
     Option("respawn_delay", _seconds, 0.1,
@@ -273,7 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.parse is _bool else {}
         if opt.multiple:
             extra["action"] = "append"
-        group.add_argument(*opt.aliases, opt.flag, dest=opt.name, default=None,
+        # usage shows the first: a short alias (-w), else our own name
+        names = sorted((*opt.aliases, opt.flag), key=lambda f: (f.startswith("--"), f != opt.flag))
+        group.add_argument(*names, dest=opt.name, default=None,
                            metavar=opt.metavar, help=opt.help + default + env, **extra)
         if opt.parse is _bool:
             group.add_argument("--no-" + opt.flag[2:], dest=opt.name, action="store_const",
