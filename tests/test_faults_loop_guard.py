@@ -58,3 +58,50 @@ def test_a_fault_while_handling_an_exit_leaves_the_loop_running(
     assert "handling worker 1's exit raised" in text and "injected fault" in text, text
     assert "exit 3 0 None" in text, text  # the last one disconnected and exited at SIGTERM
     assert "primary done" in text and code == 0, text
+
+
+FAULTY_CHANNEL = HTTP_SERVER + """
+import threading, time
+from fastcluster import _role
+
+if cluster.is_primary:
+    cluster.setup_primary(respawn=False)
+    cluster.on("exit", lambda w, code, sig: print("exit", w.id, code, sig, flush=True))
+    primary = _role.primary()
+
+    def on_message(w, m):
+        print(m, w.id, w.pid, flush=True)
+        if m == "serving" and w.id == 1:  # its next read fails, and would each time
+            def boom(*_a, **_k):
+                raise RuntimeError("injected channel fault")
+            primary._procs[w.id].chan.read = boom
+    cluster.on("message", on_message)
+    for _ in range(2):
+        cluster.fork()
+    cluster.run()
+    print("primary done", flush=True)
+else:
+    if cluster.worker.id == 1:
+        def again():
+            time.sleep(0.5)
+            cluster.worker.send("again")
+        threading.Thread(target=again, daemon=True).start()
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_a_fault_on_a_workers_channel_kills_that_worker_not_the_loop(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    """Left readable, a channel whose handling raises would come back on
+    every turn of the loop: the worker is killed once, the loop goes on."""
+    port = free_port()
+    with running(script(tmp_path, FAULTY_CHANNEL), dict(env, PORT=str(port))) as r:
+        r.wait_for("serving", 2, timeout=15)
+        r.wait_for("exit 1 None SIGKILL", timeout=5)
+        served = [request(port) for _ in range(5)]
+        r.signal(signal.SIGTERM)
+        code, out = r.finish(timeout=15)
+    text = "\n".join(out)
+    assert all(ok for ok, _by in served), (served, text)
+    assert text.count("serving worker 1's channel raised") == 1, text
+    assert "exit 2 0 None" in text and "primary done" in text and code == 0, text

@@ -65,6 +65,13 @@ class Channels:
     # -- control channels ----------------------------------------------------
 
     def _on_channel(self, proc: Proc, evs: int) -> None:
+        try:
+            self._serve_channel(proc, evs)
+        except Exception as e:  # a fault of ours: left readable, the channel would spin us
+            log.exception("fastcluster: serving worker %d's channel raised", proc.worker.id)
+            self._bad_frame(proc, f"the primary failed on its channel: {e!r}", fatal=True)
+
+    def _serve_channel(self, proc: Proc, evs: int) -> None:
         if evs & EPOLLOUT:
             self._flush(proc)
         if proc.chan is not None and evs & ~EPOLLOUT:
