@@ -15,13 +15,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from _helpers import env, http_get, running, wait_dead  # noqa: F401
-from test_supervisor import Load, live_workers, pids_of, start, wait_until
+from test_supervisor import Load, live_workers, pids_of, socket_activated, start, wait_until
 
 from fastcluster import _core
 
@@ -264,14 +263,7 @@ def test_a_systemd_socket_is_served_under_least_with_the_reason(tmp_path: Path,
     port = listener.getsockname()[1]
     path, run_env, _ = start(tmp_path, env, workers=2, policy="steer")
     run_env.update(PORT=str(port))
-    # as systemd does: the socket is fd 3, LISTEN_PID is the pid that execs the service
-    shim = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
-    proc = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), str(path)],
-                            env=run_env, cwd=tmp_path, pass_fds=(listener.fileno(),),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    listener.close()
+    proc = socket_activated(listener, path, run_env, tmp_path)
     try:
         deadline = time.monotonic() + 10
         statuses: list[int] = []

@@ -737,6 +737,20 @@ def test_uid_the_primary_cannot_switch_to_is_a_clear_worker_error(tmp_path: Path
     assert code == 0
 
 
+def socket_activated(listener: socket.socket, path: Path, run_env: dict[str, str],
+                     cwd: Path) -> subprocess.Popen[str]:
+    """Starts the primary script as systemd does: the listening socket is fd 3
+    and LISTEN_PID is the pid that execs it. Closes our copy of listener."""
+    shim = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+    proc = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), str(path)],
+                            env=run_env, cwd=cwd, pass_fds=(listener.fileno(),),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener.close()
+    return proc
+
+
 # -- systemd -------------------------------------------------------------------
 
 def test_systemd_socket_activation_and_notify(tmp_path: Path, env: dict[str, str]) -> None:
@@ -750,14 +764,7 @@ def test_systemd_socket_activation_and_notify(tmp_path: Path, env: dict[str, str
     os.chmod(notify_path, 0o600)
     path, run_env, _ = start(tmp_path, env, workers=2)
     run_env.update(PORT=str(port), NOTIFY_SOCKET=str(notify_path))
-    # as systemd does: the socket is fd 3, LISTEN_PID is the pid that execs the service
-    shim = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
-    proc = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), str(path)],
-                            env=run_env, cwd=tmp_path, pass_fds=(listener.fileno(),),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    listener.close()
+    proc = socket_activated(listener, path, run_env, tmp_path)
     states: list[str] = []
     notify.settimeout(10)
     try:

@@ -83,8 +83,6 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
-# -- settings ---------------------------------------------------------------
-
 # -- readiness --------------------------------------------------------------
 
 class Loop(Protocol):

@@ -237,15 +237,21 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _hang_timeout(name: str, value: Any) -> float | None:
-    allowed = "None or 0 (off), or a number of seconds from 0.5 to 86400"
+def _seconds_within(name: str, value: Any, allowed: str, low: float, high: float,
+                    off: tuple[float, ...] = ()) -> float | None:
+    """None, or seconds from low to high (or a value in `off`, meaning off)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(name, value, allowed)
-    if value != 0 and not 0.5 <= value <= 86400:  # also rejects nan
+    if value not in off and not low <= value <= high:  # also rejects nan
         raise _bad(name, value, allowed, ValueError)
     return float(value)
+
+
+def _hang_timeout(name: str, value: Any) -> float | None:
+    return _seconds_within(name, value, "None or 0 (off), or a number of seconds from 0.5 "
+                           "to 86400", 0.5, 86400, off=(0,))
 
 
 def check_address(name: str, value: Any) -> str | None:
@@ -274,14 +280,8 @@ def check_delay(name: str, value: Any) -> float:
 
 
 def _orphan_timeout(name: str, value: Any) -> float | None:
-    allowed = "None (no expiry) or a number of seconds from 0.05 to 86400"
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, value, allowed)
-    if not 0.05 <= value <= 86400:  # also rejects nan
-        raise _bad(name, value, allowed, ValueError)
-    return float(value)
+    return _seconds_within(name, value, "None (no expiry) or a number of seconds from 0.05 "
+                           "to 86400", 0.05, 86400)
 
 
 def _int_range(lo: int, hi: int) -> Callable[[str, Any], int]:
