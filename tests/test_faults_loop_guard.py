@@ -105,3 +105,47 @@ def test_a_fault_on_a_workers_channel_kills_that_worker_not_the_loop(
     assert all(ok for ok, _by in served), (served, text)
     assert text.count("serving worker 1's channel raised") == 1, text
     assert "exit 2 0 None" in text and "primary done" in text and code == 0, text
+
+
+FAULTY_READER = HTTP_SERVER + """
+import resource, time
+from fastcluster import _role
+
+if cluster.is_primary:
+    primary = _role.primary()
+    cluster.fork()
+    r, w = os.pipe()
+    os.write(w, b"x")  # readable for good: nobody reads it
+
+    def boom():
+        raise RuntimeError("injected reader fault")
+
+    def check():
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        print("cpu", cpu.ru_utime + cpu.ru_stime - start[0], flush=True)
+        cluster.disconnect()
+    start = [0.0]
+
+    def arm():
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        start[0] = cpu.ru_utime + cpu.ru_stime
+        primary.add_reader(r, boom)
+        primary._timers.call_later(1.0, check)
+    cluster.on("listening", lambda w, a: arm())
+    cluster.run()
+    print("primary done", flush=True)
+else:
+    serve_http(int(os.environ["PORT"]))
+"""
+
+
+def test_a_reader_that_raises_is_dropped_not_called_every_turn(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    port = free_port()
+    with running(script(tmp_path, FAULTY_READER), dict(env, PORT=str(port))) as r:
+        cpu = float(r.wait_for("cpu ", timeout=15)[0].split()[1])
+        code, out = r.finish(timeout=15)
+    text = "\n".join(out)
+    assert cpu < 0.3, (cpu, text[-2000:])  # a spinning loop takes the whole second
+    assert text.count("raised; it is no longer watched") == 1, text
+    assert "primary done" in text and code == 0, text

@@ -183,8 +183,11 @@ class Operations:
         if callback is not None:
             try:
                 callback()
-            except Exception:
-                log.exception("fastcluster: a reader callback raised")
+            except Exception:  # still readable, it would be called (and raise) every turn
+                fd = -token - 1
+                log.exception("fastcluster: the reader of fd %d raised; it is no longer "
+                              "watched", fd)
+                self.remove_reader(fd)
 
     def worker_stats(self) -> list[dict[str, Any]]:
         """Per live worker: id, pid, state, slot, uptime (s), exiting, and the
