@@ -8,7 +8,6 @@ Every loop here is bounded in count and in time.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import socket
 import threading
@@ -109,13 +108,22 @@ class Load:
 
 
 def children(pid: int) -> list[int]:
-    """The live (not zombie) child processes of pid."""
+    """The live (not zombie) child processes of pid. Every process's parent is
+    read from /proc/<pid>/stat: /proc/<pid>/task/*/children is documented as
+    unreliable while children come and go (a rolling restart's read once
+    missed one of its four new workers)."""
     out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-    return [p for p in out if state(p) not in ("Z", "X", "")]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 1 and fields[1] == str(pid) and fields[0] not in ("Z", "X"):
+            out.append(int(name))
+    return sorted(out)
 
 
 def state(pid: int) -> str:
