@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from _faults import HTTP_SERVER, fd_count, request
+from _faults import HTTP_SERVER, children, fd_count, request
 from _helpers import env, free_port, http_get, running, script  # noqa: F401
 
 HANGING = HTTP_SERVER + r"""
@@ -126,13 +126,20 @@ def test_orphans_never_exhaust_the_primary_and_respawn_goes_on(tmp_path: Path,
             after = [request(port, timeout=5) for _ in range(30)]
             # respawn keeps working: kill one more, it is replaced. A replacement
             # may have left by itself meanwhile (at its fd limit it hands its
-            # channel back and is replaced): the victim is one alive now
+            # channel back and is replaced), its exit line not read yet: the
+            # victim is a worker the kernel says is alive now
             serving = [ln.split() for ln in r.seen if ln.startswith("serving")]
-            exited = {ln.split()[2] for ln in r.seen if ln.startswith("exit")}
-            alive = [(w, p) for _, w, p, _t in serving if p not in exited]
-            assert alive, r.seen
-            victim_id, victim_pid = alive[-1]
-            os.kill(int(victim_pid), signal.SIGKILL)
+            live = {str(p) for p in children(r.pid)}
+            alive = [(w, p) for _, w, p, _t in serving if p in live]
+            assert alive, (r.seen, live)
+            for victim_id, victim_pid in reversed(alive):  # the newest that is still there
+                try:
+                    os.kill(int(victim_pid), signal.SIGKILL)
+                    break
+                except ProcessLookupError:
+                    continue
+            else:
+                raise AssertionError(f"every worker left by itself: {r.seen}")
             r.wait_for(f"exit {victim_id} {victim_pid}", timeout=5)
             r.wait_for("serving", len(serving) + 1, timeout=10)
             assert request(port)[0]
